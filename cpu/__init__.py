@@ -1,0 +1,275 @@
+"""attn.cpu: the Cython + OpenMP kernels and their launcher.
+
+The kernels are compiled once per ISA level (see setup.py); this module loads the best
+variant the CPU supports. ``ATTN_CPU_ISA`` (``auto``, ``generic``, ``avx2``,
+``avx512``, ``native``) forces one, e.g. to compare builds in the benchmark.
+
+The launcher turns torch tensors into the kernels' pointer-and-stride description,
+allocates outputs, builds the kv-block lists (dense and causal attention are block
+lists too: full blocks need no masking, diagonal blocks do), and picks the backward
+schedule. It knows nothing of autograd or of the public API.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from functools import lru_cache
+
+import torch
+
+__all__ = [
+    "ISA",
+    "BLOCK_M",
+    "BLOCK_N",
+    "available_isas",
+    "forward",
+    "backward",
+    "num_threads",
+    "choose_schedule",
+]
+
+# Tile sizes. BLOCK_M queries x BLOCK_N keys per tile: the forward score tile S^T is
+# BLOCK_N x BLOCK_M floats (32 KiB), which with the Q^T and V tiles stays inside the
+# 1-2 MiB L2 of current x86 cores while giving each packed Q^T tile 32 kv blocks of
+# reuse at L = 4096. Chosen by bench/NOTES.md's sweep.
+BLOCK_M = 64
+BLOCK_N = 128
+
+_ISA_ORDER = ("native", "avx512", "avx2", "generic")
+
+
+def available_isas() -> list[str]:
+    """The kernel variants that were built and import on this machine."""
+    found = []
+    for isa in _ISA_ORDER:
+        try:
+            importlib.import_module(f"{__name__}._kernels_{isa}")
+        except ImportError:
+            continue
+        found.append(isa)
+    return found
+
+
+def _cpu_supports(isa: str) -> bool:
+    if isa in ("generic", "native"):
+        return True
+    cap = torch.backends.cpu.get_cpu_capability()
+    if isa == "avx512":
+        return cap.startswith("AVX512")
+    if isa == "avx2":
+        return cap.startswith("AVX2") or cap.startswith("AVX512")
+    return False
+
+
+def _load():
+    wanted = os.environ.get("ATTN_CPU_ISA", "auto").strip().lower() or "auto"
+    if wanted != "auto":
+        if wanted not in _ISA_ORDER:
+            raise ImportError(
+                f"ATTN_CPU_ISA={wanted!r} is not a kernel variant; expected one of "
+                f"{['auto', *_ISA_ORDER]}"
+            )
+        try:
+            return wanted, importlib.import_module(f"{__name__}._kernels_{wanted}")
+        except ImportError as e:
+            raise ImportError(
+                f"ATTN_CPU_ISA={wanted!r}: that variant was not built "
+                f"(built: {available_isas()}); 'native' needs ATTN_NATIVE=1 at install"
+            ) from e
+    for isa in _ISA_ORDER:
+        if not _cpu_supports(isa):
+            continue
+        try:
+            return isa, importlib.import_module(f"{__name__}._kernels_{isa}")
+        except ImportError:
+            continue
+    raise ImportError(
+        "attn.cpu: no compiled kernel variant found; reinstall attn "
+        "(pip install . builds the Cython extensions)"
+    )
+
+
+ISA, _k = _load()
+OPENMP = _k.openmp_enabled()
+
+
+def num_threads() -> int:
+    """Threads for one kernel call: PyTorch's intra-op setting, which already honours
+    OMP_NUM_THREADS, so attn never oversubscribes a process PyTorch has configured."""
+    return max(1, torch.get_num_threads())
+
+
+def _ptr(t: torch.Tensor):
+    return t.data_ptr(), tuple(t.stride())
+
+
+def _bcast_strides(t: torch.Tensor) -> tuple:
+    # A size-1 batch or head dimension broadcasts: stride 0 lets the kernel index it
+    # with any b or h.
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+
+
+def _blocks(num: torch.Tensor | None, idx: torch.Tensor | None):
+    if num is None:
+        return None
+    return (num.data_ptr(), _bcast_strides(num), idx.data_ptr(), _bcast_strides(idx))
+
+
+@lru_cache(maxsize=256)
+def _dense_lists(Lq: int, Lk: int, BM: int, BN: int, causal: bool, masked: bool):
+    """kv-block lists per q block, and their transposes, for dense or causal attention.
+
+    Returns (kv_full, kv_part, q_full, q_part), each a (num, idx) pair shaped
+    (1, 1, rows) and (1, 1, rows, cols) int32 (batch and head broadcast). With an
+    attention mask every visited block is partial (the mask must be read)."""
+    nqb = -(-Lq // BM)
+    nkb = -(-Lk // BN)
+    qi = torch.arange(nqb).view(-1, 1)
+    kj = torch.arange(nkb).view(1, -1)
+    if causal:
+        q_first = qi * BM
+        q_last = torch.clamp((qi + 1) * BM, max=Lq) - 1
+        k_first = kj * BN
+        k_last = torch.clamp((kj + 1) * BN, max=Lk) - 1
+        visible = k_first <= q_last           # some key of the block is <= some query
+        full = k_last <= q_first              # every key <= every query of the block
+    else:
+        visible = torch.ones(nqb, nkb, dtype=torch.bool)
+        full = visible.clone()
+    if masked:
+        full = torch.zeros_like(full)
+    part = visible & ~full
+
+    def pack(sel: torch.Tensor):
+        # Indices of the selected blocks in increasing order, left-aligned per row.
+        num = sel.sum(-1).to(torch.int32)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+        idx = order.to(torch.int32).contiguous()
+        return num.view(1, 1, -1).contiguous(), idx.view(1, 1, *idx.shape).contiguous()
+
+    return pack(full), pack(part), pack(full.t()), pack(part.t())
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_compute(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # float16/bfloat16 are upcast once per call (O(L*D), against O(L^2*D) work);
+    # float32/float64 tensors go to the kernels as they are, whatever their strides.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _mask_args(attn_mask, B, Hq, Lq, Lk, cdt):
+    if attn_mask is None:
+        return 0, None, None
+    m = attn_mask.expand(B, Hq, Lq, Lk)
+    if m.dtype == torch.bool:
+        return 1, m, _ptr(m)
+    m = m if m.dtype == cdt else m.to(cdt)
+    return 2, m, _ptr(m)
+
+
+def _common_args(q, k, v, attn_mask, is_causal, scale, blocks):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    BM, BN = blocks
+    mask_kind, mask_t, mask_ptr = _mask_args(attn_mask, B, Hq, Lq, Lk, q.dtype)
+    kv_full, kv_part, q_full, q_part = _dense_lists(
+        Lq, Lk, BM, BN, bool(is_causal), mask_kind != 0
+    )
+    args = {
+        "sizes": (B, Hq, Hkv, Lq, Lk, D, Dv),
+        "blocks": (BM, BN),
+        "scale": float(scale),
+        "causal": int(bool(is_causal)),
+        "mask_kind": mask_kind,
+        "q": _ptr(q),
+        "k": _ptr(k),
+        "v": _ptr(v),
+        "kv_full": _blocks(*kv_full),
+        "kv_part": _blocks(*kv_part),
+        "q_full": _blocks(*q_full),
+        "q_part": _blocks(*q_part),
+    }
+    if mask_ptr is not None:
+        args["mask"] = mask_ptr
+    # Keep every tensor whose pointer is in args alive for the duration of the call.
+    keep = (mask_t, kv_full, kv_part, q_full, q_part)
+    return args, keep
+
+
+def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
+    """out (dtype of q) and lse (float32; float64 for float64 inputs), natural log."""
+    cdt = _compute_dtype(q.dtype)
+    qc, kc, vc = (_as_compute(t, cdt) for t in (q, k, v))
+    B, Hq, Lq, D = q.shape
+    Dv = v.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.empty(B, Hq, Lq, Dv, dtype=cdt)
+    lse = torch.empty(B, Hq, Lq, dtype=cdt)
+    if out.numel() or lse.numel():
+        args, keep = _common_args(qc, kc, vc, attn_mask, is_causal, scale,
+                                  blocks or (BLOCK_M, BLOCK_N))
+        args["o"] = _ptr(out)
+        args["lse"] = lse.data_ptr()
+        _k.forward(args, cdt == torch.float64, num_threads())
+        del keep
+    return out.to(q.dtype), lse
+
+
+def choose_schedule(B: int, Hkv: int, nthreads: int) -> str:
+    """Backward schedule: "fused" gives each (batch, kv head) to one thread, which then
+    accumulates dQ itself (5 tile GEMMs per block pair); "split" runs dK/dV over kv
+    blocks and then dQ over q blocks (7 GEMMs: S and dP are recomputed for dQ) but
+    never idles cores when heads are few. Fused is taken only when the heads divide
+    evenly among the threads with at least two rounds, so no core idles either.
+    ATTN_CPU_BWD_SCHEDULE (auto, fused, split) overrides."""
+    forced = os.environ.get("ATTN_CPU_BWD_SCHEDULE", "auto").strip().lower() or "auto"
+    if forced not in ("auto", "fused", "split"):
+        raise ValueError(
+            f"ATTN_CPU_BWD_SCHEDULE={forced!r}: expected 'auto', 'fused' or 'split'"
+        )
+    if forced != "auto":
+        return forced
+    heads = B * Hkv
+    if nthreads == 1 or (heads % nthreads == 0 and heads >= 2 * nthreads):
+        return "fused"
+    return "split"
+
+
+def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
+             is_causal=False, scale=None, blocks=None):
+    """dq, dk, dv in the input dtypes. grad_lse (optional) is the gradient reaching lse."""
+    cdt = _compute_dtype(q.dtype)
+    qc, kc, vc, oc, doc = (_as_compute(t, cdt) for t in (q, k, v, out, grad_out))
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    BM, BN = blocks or (BLOCK_M, BLOCK_N)
+    pad = lambda n: -(-n // 16) * 16  # noqa: E731 -- the kernels' ATTN_PAD
+    # d(lse_i)/d(s_ij) = P_ij, so a gradient on lse enters as delta_i -= dlse_i.
+    delta = (doc * oc).sum(-1, dtype=cdt)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(cdt)
+    delta = delta.contiguous()
+    lse_c = lse.to(cdt).contiguous()
+    dq = torch.zeros(B, Hq, Lq, pad(D), dtype=cdt)
+    dk = torch.zeros(B, Hkv, Lk, pad(D), dtype=cdt)
+    dv = torch.zeros(B, Hkv, Lk, pad(Dv), dtype=cdt)
+    if Lq and Lk:
+        args, keep = _common_args(qc, kc, vc, attn_mask, is_causal, scale, (BM, BN))
+        args.update(
+            do=_ptr(doc), lse=lse_c.data_ptr(), delta=delta.data_ptr(),
+            dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
+        )
+        nt = num_threads()
+        fused = choose_schedule(B, Hkv, nt) == "fused"
+        _k.backward(args, cdt == torch.float64, nt, fused)
+        del keep
+    # The kernels accumulate Q K^T-gradients unscaled; the softmax scale enters here.
+    dq = (dq[..., :D] * scale).to(q.dtype)
+    dk = (dk[..., :D] * scale).to(k.dtype)
+    dv = dv[..., :Dv].to(v.dtype)
+    return dq, dk, dv

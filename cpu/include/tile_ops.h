@@ -1,0 +1,334 @@
+/*
+ * Tile operations for the attn CPU kernels: a register-blocked GEMM micro-kernel
+ * and the vectorised exp2 / softmax steps that the Cython loops in _kernels.pyx call
+ * once per tile.
+ *
+ * Written with GCC/Clang vector extensions rather than intrinsics so that one source
+ * compiles for every ISA: setup.py builds _kernels.pyx several times with different
+ * -march flags (generic x86-64, x86-64-v3, x86-64-v4, optionally native) and
+ * attn.cpu picks the best variant the running CPU supports. The vector width and the
+ * register block follow the ISA the translation unit is compiled for.
+ *
+ * Every GEMM here is "broadcast A, vector B": C[m, n] += sum_k A[m, k] * B[k, n] with
+ * B rows contiguous and N padded to a multiple of the vector width. The attention
+ * kernels arrange their products so that this one form serves S = Q K^T, O += P V,
+ * dV += P^T dO, dK += dS^T Q and dQ += dS K without transposing a tile per pair.
+ */
+#ifndef ATTN_TILE_OPS_H
+#define ATTN_TILE_OPS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define ATTN_VBYTES 64
+/* 32 zmm registers: 6 x 4 accumulators + 4 B vectors + 1 broadcast. */
+#define ATTN_MR 6
+#define ATTN_NV 4
+#elif defined(__AVX__)
+#define ATTN_VBYTES 32
+/* 16 ymm registers: 4 x 3 accumulators + 3 B vectors + 1 broadcast. */
+#define ATTN_MR 4
+#define ATTN_NV 3
+#else
+#define ATTN_VBYTES 16
+#define ATTN_MR 4
+#define ATTN_NV 3
+#endif
+
+typedef float vf32 __attribute__((vector_size(ATTN_VBYTES)));
+typedef double vf64 __attribute__((vector_size(ATTN_VBYTES)));
+typedef int32_t vi32 __attribute__((vector_size(ATTN_VBYTES)));
+typedef int64_t vi64 __attribute__((vector_size(ATTN_VBYTES)));
+
+#define ATTN_VW32 ((int)(ATTN_VBYTES / 4))
+#define ATTN_VW64 ((int)(ATTN_VBYTES / 8))
+
+/* Scratch rows are padded to this many elements so every row starts on a vector
+ * boundary for both float and double. */
+#define ATTN_PAD 16
+
+#define ATTN_INLINE static inline __attribute__((always_inline))
+
+#ifdef _OPENMP
+#define ATTN_OPENMP 1
+#else
+#define ATTN_OPENMP 0
+#endif
+
+/* Unaligned vector load/store: memcpy compiles to a single vmovups. */
+#define ATTN_DEFINE_LDST(T, V)                                                     \
+    ATTN_INLINE V ld_##V(const T *p) { V x; memcpy(&x, p, sizeof(V)); return x; }   \
+    ATTN_INLINE void st_##V(T *p, V x) { memcpy(p, &x, sizeof(V)); }
+ATTN_DEFINE_LDST(float, vf32)
+ATTN_DEFINE_LDST(double, vf64)
+
+/*
+ * Micro-kernel: an mr x (nv vectors) block of C held in registers for the whole
+ * k loop. Called with literal mr/nv so that, once inlined, the loops are fully
+ * unrolled and the accumulator array lives in registers.
+ */
+#define ATTN_DEFINE_UKERNEL(T, V, VW)                                               \
+    ATTN_INLINE void ukernel_##T(int mr, int nv, int K, const T *A, long a_rs,       \
+                                 long a_cs, const T *B, long ldb, T *C, long ldc,    \
+                                 int accumulate)                                    \
+    {                                                                              \
+        V c[ATTN_MR][ATTN_NV];                                                     \
+        for (int i = 0; i < mr; i++)                                               \
+            for (int j = 0; j < nv; j++)                                           \
+                c[i][j] = accumulate ? ld_##V(C + i * ldc + j * VW) : (V){0};      \
+        for (int k = 0; k < K; k++) {                                              \
+            const T *brow = B + (long)k * ldb;                                     \
+            V b[ATTN_NV];                                                          \
+            for (int j = 0; j < nv; j++) b[j] = ld_##V(brow + j * VW);             \
+            const T *acol = A + (long)k * a_cs;                                    \
+            for (int i = 0; i < mr; i++) {                                         \
+                V a = (V){0} + acol[i * a_rs];                                     \
+                for (int j = 0; j < nv; j++) c[i][j] += a * b[j];                  \
+            }                                                                      \
+        }                                                                          \
+        for (int i = 0; i < mr; i++)                                               \
+            for (int j = 0; j < nv; j++) st_##V(C + i * ldc + j * VW, c[i][j]);    \
+    }                                                                              \
+                                                                                   \
+    /* C[M x N] (+)= A[M x K] B[K x N]; N a multiple of the vector width, B and C  \
+     * rows contiguous with leading dimensions ldb/ldc; A addressed through        \
+     * (a_rs, a_cs) so it may be a transposed view of a scratch tile. */           \
+    static void gemm_##T(int M, int N, int K, const T *A, long a_rs, long a_cs,     \
+                         const T *B, long ldb, T *C, long ldc, int accumulate)      \
+    {                                                                              \
+        const int vw = VW, NR = ATTN_NV * VW;                                      \
+        int m = 0;                                                                 \
+        for (; m + ATTN_MR <= M; m += ATTN_MR) {                                   \
+            const T *a = A + m * a_rs;                                             \
+            T *cp = C + (long)m * ldc;                                             \
+            int n = 0;                                                             \
+            for (; n + NR <= N; n += NR)                                           \
+                ukernel_##T(ATTN_MR, ATTN_NV, K, a, a_rs, a_cs, B + n, ldb, cp + n,  \
+                            ldc, accumulate);                                      \
+            for (; n < N; n += VW)                                                 \
+                ukernel_##T(ATTN_MR, 1, K, a, a_rs, a_cs, B + n, ldb, cp + n, ldc,  \
+                            accumulate);                                           \
+        }                                                                          \
+        if (m < M) {                                                               \
+            /* Leftover rows: one literal-size kernel per count, so they too keep   \
+             * their accumulators in registers. */                                 \
+            const T *a = A + m * a_rs;                                             \
+            T *cp = C + (long)m * ldc;                                             \
+            switch (M - m) {                                                       \
+            ATTN_TAIL_CASE(T, 1) ATTN_TAIL_CASE(T, 2) ATTN_TAIL_CASE(T, 3)         \
+            ATTN_TAIL_CASE(T, 4) ATTN_TAIL_CASE(T, 5) ATTN_TAIL_CASE(T, 6)         \
+            ATTN_TAIL_CASE(T, 7)                                                   \
+            default: break;                                                        \
+            }                                                                      \
+        }                                                                          \
+    }
+
+/* Rows left over after the MR-row blocks (case count < ATTN_MR, never more than 7). */
+#define ATTN_TAIL_CASE(T, R)                                                       \
+    case R:                                                                        \
+        if (R < ATTN_MR) {                                                         \
+            int n = 0;                                                             \
+            for (; n + NR <= N; n += NR)                                           \
+                ukernel_##T(R < ATTN_MR ? R : 1, ATTN_NV, K, a, a_rs, a_cs, B + n,  \
+                            ldb, cp + n, ldc, accumulate);                         \
+            for (; n < N; n += vw)                                                 \
+                ukernel_##T(R < ATTN_MR ? R : 1, 1, K, a, a_rs, a_cs, B + n, ldb,   \
+                            cp + n, ldc, accumulate);                              \
+        }                                                                          \
+        break;
+
+ATTN_DEFINE_UKERNEL(float, vf32, ATTN_VW32)
+ATTN_DEFINE_UKERNEL(double, vf64, ATTN_VW64)
+
+/*
+ * exp2 for a vector of floats: 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, and
+ * 2^f from its degree-6 Taylor series in f*ln2 (truncation error < 2e-7 relative,
+ * about one float ulp). Inputs below -126 (including -inf) give exactly 0, which the
+ * online softmax relies on for masked scores. Inputs are <= 0 in every caller
+ * (scores minus their running maximum), so overflow needs no handling.
+ */
+ATTN_INLINE vf32 vexp2_f32(vf32 x)
+{
+    const vf32 lo = (vf32){0} - 126.0f;
+    vi32 keep = x >= lo;
+    x = (vf32)(((vi32)x & keep) | ((vi32)lo & ~keep)); /* x = max(x, -126), -inf safe */
+    const vf32 magic = (vf32){0} + 12582912.0f;       /* 1.5 * 2^23: round to nearest */
+    vf32 t = x + magic;
+    vf32 n = t - magic;
+    vf32 f = x - n;
+    vi32 ni = __builtin_convertvector(n, vi32);
+    const float c1 = 0.693147180559945f, c2 = 0.240226506959101f,
+                c3 = 0.0555041086648216f, c4 = 0.00961812910762848f,
+                c5 = 0.00133335581464284f, c6 = 0.000154035303933816f;
+    vf32 p = c6 * f + c5;
+    p = p * f + c4;
+    p = p * f + c3;
+    p = p * f + c2;
+    p = p * f + c1;
+    p = p * f + 1.0f;
+    vi32 bits = (vi32)p + ((ni) << 23);
+    return (vf32)(bits & keep);
+}
+
+/* Scalar twin of vexp2_f32 for tails and per-row factors (same formula, same
+ * rounding, so a value never depends on whether it fell in a vector or a tail). */
+ATTN_INLINE float exp2_f32(float x)
+{
+    if (!(x >= -126.0f)) return 0.0f;
+    float n = (x + 12582912.0f) - 12582912.0f;
+    float f = x - n;
+    int32_t ni = (int32_t)n;
+    const float c1 = 0.693147180559945f, c2 = 0.240226506959101f,
+                c3 = 0.0555041086648216f, c4 = 0.00961812910762848f,
+                c5 = 0.00133335581464284f, c6 = 0.000154035303933816f;
+    float p = c6 * f + c5;
+    p = p * f + c4;
+    p = p * f + c3;
+    p = p * f + c2;
+    p = p * f + c1;
+    p = p * f + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &p, 4);
+    bits += ni << 23;
+    memcpy(&p, &bits, 4);
+    return p;
+}
+
+ATTN_INLINE double exp2_f64(double x) { return exp2(x); }
+
+/*
+ * Row-wise exponentials used by the forward pass, whose score tile is stored kv-major
+ * (S^T, one row per key, one column per query). For every column c:
+ *     m_new[c] = max(m[c], max_r S[r, c])
+ *     S[r, c]  = exp2(S[r, c] - m_new[c])         (the probabilities P^T)
+ *     alpha[c] = exp2(m[c] - m_new[c])             (rescale of the old state)
+ *     l[c]     = alpha[c] * l[c] + sum_r S[r, c]
+ * A column whose maximum is still -inf (no visible key yet) subtracts 0 instead, so it
+ * gets P = 0 and alpha = 1 rather than exp2(-inf - -inf) = NaN.
+ * ncols is a multiple of the vector width (scratch is padded).
+ */
+static void softmax_cols_f32(int nrows, int ncols, float *S, long lds, float *m,
+                             float *l, float *alpha)
+{
+    const vf32 ninf = (vf32){0} - INFINITY;
+    for (int c = 0; c < ncols; c += ATTN_VW32) {
+        vf32 mx = ld_vf32(m + c);
+        for (int r = 0; r < nrows; r++) {
+            vf32 s = ld_vf32(S + r * lds + c);
+            vi32 gt = s > mx;
+            mx = (vf32)(((vi32)s & gt) | ((vi32)mx & ~gt));
+        }
+        vf32 mold = ld_vf32(m + c);
+        vi32 dead = mx == ninf;
+        vf32 base = (vf32)((vi32)mx & ~dead);
+        vf32 a = vexp2_f32(mold - base);
+        vf32 sum = (vf32){0};
+        for (int r = 0; r < nrows; r++) {
+            vf32 p = vexp2_f32(ld_vf32(S + r * lds + c) - base);
+            st_vf32(S + r * lds + c, p);
+            sum += p;
+        }
+        st_vf32(m + c, mx);
+        st_vf32(alpha + c, a);
+        st_vf32(l + c, a * ld_vf32(l + c) + sum);
+    }
+}
+
+static void softmax_cols_f64(int nrows, int ncols, double *S, long lds, double *m,
+                             double *l, double *alpha)
+{
+    for (int c = 0; c < ncols; c++) {
+        double mx = m[c];
+        for (int r = 0; r < nrows; r++)
+            if (S[r * lds + c] > mx) mx = S[r * lds + c];
+        double base = (mx == -INFINITY) ? 0.0 : mx;
+        double a = exp2(m[c] - base);
+        double sum = 0.0;
+        for (int r = 0; r < nrows; r++) {
+            double p = exp2(S[r * lds + c] - base);
+            S[r * lds + c] = p;
+            sum += p;
+        }
+        m[c] = mx;
+        alpha[c] = a;
+        l[c] = a * l[c] + sum;
+    }
+}
+
+/*
+ * Backward probabilities and score gradients for a tile laid out with one row per
+ * query (the kv-block pass): with the scores S already scaled to log2 units,
+ *     P[r, c]  = exp2(S[r, c] - lse2[r])
+ *     dS[r, c] = P[r, c] * (dP[r, c] - delta[r])
+ * written in place (S becomes P, dP becomes dS). A row whose lse is -inf saw no key:
+ * it gets P = 0 (lse2 is replaced by +inf by the caller).
+ */
+static void bwd_rows_f32(int nrows, int ncols, float *S, long lds, float *dP, long ldp,
+                         const float *lse2, const float *delta)
+{
+    for (int r = 0; r < nrows; r++) {
+        vf32 L = (vf32){0} + lse2[r];
+        vf32 D = (vf32){0} + delta[r];
+        float *s = S + r * lds, *dp = dP + r * ldp;
+        for (int c = 0; c < ncols; c += ATTN_VW32) {
+            vf32 p = vexp2_f32(ld_vf32(s + c) - L);
+            st_vf32(s + c, p);
+            st_vf32(dp + c, p * (ld_vf32(dp + c) - D));
+        }
+    }
+}
+
+static void bwd_rows_f64(int nrows, int ncols, double *S, long lds, double *dP, long ldp,
+                         const double *lse2, const double *delta)
+{
+    for (int r = 0; r < nrows; r++) {
+        double *s = S + r * lds, *dp = dP + r * ldp;
+        for (int c = 0; c < ncols; c++) {
+            double p = exp2(s[c] - lse2[r]);
+            s[c] = p;
+            dp[c] = p * (dp[c] - delta[r]);
+        }
+    }
+}
+
+/* The same for a tile with one column per query (the q-block pass computing dQ). */
+static void bwd_cols_f32(int nrows, int ncols, float *S, long lds, float *dP, long ldp,
+                         const float *lse2, const float *delta)
+{
+    for (int r = 0; r < nrows; r++) {
+        float *s = S + r * lds, *dp = dP + r * ldp;
+        for (int c = 0; c < ncols; c += ATTN_VW32) {
+            vf32 p = vexp2_f32(ld_vf32(s + c) - ld_vf32(lse2 + c));
+            st_vf32(s + c, p);
+            st_vf32(dp + c, p * (ld_vf32(dp + c) - ld_vf32(delta + c)));
+        }
+    }
+}
+
+static void bwd_cols_f64(int nrows, int ncols, double *S, long lds, double *dP, long ldp,
+                         const double *lse2, const double *delta)
+{
+    for (int r = 0; r < nrows; r++) {
+        double *s = S + r * lds, *dp = dP + r * ldp;
+        for (int c = 0; c < ncols; c++) {
+            double p = exp2(s[c] - lse2[c]);
+            s[c] = p;
+            dp[c] = p * (dp[c] - delta[c]);
+        }
+    }
+}
+
+/* x[0:n] *= a, n a multiple of the vector width. */
+ATTN_INLINE void scale_row_f32(float *x, int n, float a)
+{
+    for (int c = 0; c < n; c += ATTN_VW32) st_vf32(x + c, ld_vf32(x + c) * a);
+}
+ATTN_INLINE void scale_row_f64(double *x, int n, double a)
+{
+    for (int c = 0; c < n; c++) x[c] *= a;
+}
+
+#endif
