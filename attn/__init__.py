@@ -1,0 +1,45 @@
+"""attn: tiled online-softmax attention for PyTorch.
+
+One algorithm (the FlashAttention-2 forward and backward) written as Cython + OpenMP
+kernels for CPUs (``attn.cpu``) and Numba CUDA kernels for GPUs (``attn.gpu``), behind
+one autograd layer and a backend registry.
+
+    >>> import attn
+    >>> out = attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> out, lse = attn.scaled_dot_product_attention(q, k, v, return_lse=True)
+"""
+from . import reference
+from .backends import (
+    Backend,
+    BackendNotSupportedError,
+    get_backend,
+    list_backends,
+    register_backend,
+    unregister_backend,
+    use_backend,
+)
+from .functional import scaled_dot_product_attention
+
+__all__ = [
+    "Backend",
+    "BackendNotSupportedError",
+    "get_backend",
+    "list_backends",
+    "reference",
+    "register_backend",
+    "scaled_dot_product_attention",
+    "unregister_backend",
+    "use_backend",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # attn.cpu / attn.gpu load on first use: the compiled kernels (and, for the GPU,
+    # numba.cuda) are imported only by code that runs on them.
+    if name in ("cpu", "gpu"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

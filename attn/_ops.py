@@ -1,0 +1,104 @@
+"""The autograd layer: attention as torch.library custom ops.
+
+``attn::sdpa_forward`` returns ``(out, lse)``; ``attn::sdpa_backward`` returns
+``(dq, dk, dv)``. Both dispatch to the backend named in their arguments (the public API
+resolved it), have fake implementations so torch.compile can trace them, and are tied
+together with ``register_autograd``: the forward saves q, k, v, out and lse, and the
+backward recomputes the probabilities from lse (no (Lq, Lk) matrix is kept).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._problem import AttentionProblem
+from .backends import get_backend
+
+__all__ = ["sdpa_forward", "sdpa_backward"]
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _problem(query, key, value, attn_mask, is_causal, scale) -> AttentionProblem:
+    # Arguments were validated by the public API before reaching the op.
+    B, Hq, Lq, D = query.shape
+    return AttentionProblem(
+        query=query, key=key, value=value, attn_mask=attn_mask, is_causal=is_causal,
+        scale=scale, B=B, Hq=Hq, Hkv=key.shape[1], Lq=Lq, Lk=key.shape[2], D=D,
+        Dv=value.shape[3],
+    )
+
+
+@torch.library.custom_op("attn::sdpa_forward", mutates_args=())
+def sdpa_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    problem = _problem(query, key, value, attn_mask, is_causal, scale)
+    out, lse = get_backend(backend).forward(problem)
+    return out, lse
+
+
+@sdpa_forward.register_fake
+def _(query, key, value, attn_mask, is_causal, scale, backend):
+    B, Hq, Lq, _ = query.shape
+    out = query.new_empty(B, Hq, Lq, value.shape[3])
+    lse = query.new_empty(B, Hq, Lq, dtype=_lse_dtype(query.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("attn::sdpa_backward", mutates_args=())
+def sdpa_backward(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    problem = _problem(query, key, value, attn_mask, is_causal, scale)
+    dq, dk, dv = get_backend(backend).backward(problem, out, lse, grad_out, grad_lse)
+    # Custom ops may not return views of their inputs or of each other.
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@sdpa_backward.register_fake
+def _(grad_out, grad_lse, query, key, value, attn_mask, out, lse, is_causal, scale,
+      backend):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, is_causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+    ctx.is_causal = is_causal
+    ctx.scale = scale
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = sdpa_backward(
+        grad_out, grad_lse, query, key, value, attn_mask, out, lse, ctx.is_causal,
+        ctx.scale, ctx.backend,
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+sdpa_forward.register_autograd(_backward, setup_context=_setup_context)

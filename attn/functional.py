@@ -1,0 +1,81 @@
+"""The public attention functions."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _ops
+from ._problem import make_problem
+from .backends import select_backend
+
+__all__ = ["scaled_dot_product_attention"]
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    return_lse: bool = False,
+):
+    r"""Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    ``softmax(query @ key^T * scale + mask) @ value``, computed tile by tile with an
+    online softmax (no ``(Lq, Lk)`` matrix), differentiable through autograd.
+
+    Args:
+        query: ``(B, Hq, Lq, D)``; any strides.
+        key: ``(B, Hkv, Lk, D)``.
+        value: ``(B, Hkv, Lk, Dv)``.
+        attn_mask: ``None``, a bool mask (``True`` = may attend) or a floating mask
+            added to the scaled scores, broadcastable to ``(B, Hq, Lq, Lk)``.
+        dropout_p: must be ``0.0``: the kernels have no dropout, and a nonzero value
+            raises :class:`NotImplementedError` rather than being ignored.
+        is_causal: top-left aligned causal mask, as PyTorch SDPA: query ``i`` sees
+            keys ``j <= i``. For ``Lq = 3, Lk = 5``::
+
+                      key j ->  0 1 2 3 4
+                query i = 0     x . . . .
+                          1     x x . . .
+                          2     x x x . .
+
+            Cannot be combined with ``attn_mask``.
+        scale: multiplies the scores; default ``1 / sqrt(D)``.
+        enable_gqa: grouped-query attention: ``Hkv`` divides ``Hq`` and query head
+            ``h`` reads key/value head ``h // (Hq // Hkv)``.
+        return_lse: also return the logsumexp of each query's scaled, masked scores.
+
+    Returns:
+        ``out (B, Hq, Lq, Dv)`` in ``query``'s dtype; with ``return_lse=True``,
+        ``(out, lse)`` where ``lse (B, Hq, Lq)`` is float32 (float64 for float64
+        inputs), natural log, and differentiable. A query that sees no key gets
+        ``out = 0`` and ``lse = -inf`` (never NaN), and zero gradients.
+
+    The backend is chosen automatically (CPU tensors: the Cython kernels); force one
+    with :func:`attn.use_backend`.
+    """
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0.0:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p}: attn has no attention dropout; pass dropout_p=0.0 "
+            "(e.g. dropout_p=self.dropout if self.training else 0.0) or apply dropout "
+            "outside attention"
+        )
+    problem = make_problem(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    backend = select_backend(problem)
+    if getattr(backend, "autograd_native", False):
+        out, lse = backend.forward(problem)
+    else:
+        out, lse = _ops.sdpa_forward(
+            query, key, value, attn_mask, is_causal, problem.scale, backend.name
+        )
+    return (out, lse) if return_lse else out
