@@ -146,15 +146,35 @@ cdef inline void pack_transposed(real *dummy, Tensor4 *t, long b, long h, long l
             out[c * n_p + r] = 0
 
 
+cdef inline void fill_ninf(real *x, int n) noexcept nogil:
+    cdef int c
+    for c in range(n):
+        x[c] = -INFINITY
+
+
 cdef inline void apply_mask(real *dummy, Problem *p, real *S, long ld, int q_major,
                             long b, long h, int q0, int nq, int k0, int nk) noexcept nogil:
     """Causal rule and attention mask on a partial tile of scores in log2 units.
 
-    q_major: S[r, c] is (query q0 + r, key k0 + c); otherwise (key k0 + r, query q0 + c)."""
-    cdef int i, j
+    q_major: S[r, c] is (query q0 + r, key k0 + c); otherwise (key k0 + r, query q0 + c).
+    The causal rule (key > query is hidden) is a contiguous run per row in either
+    layout, so it is filled, not tested per element."""
+    cdef int i, j, r, lim
     cdef real *e
     cdef char *mrow
-    cdef real addv
+    if p.causal:
+        if q_major:
+            for r in range(nq):
+                # keys k0 + c > q0 + r hidden: c from q0 + r - k0 + 1 on
+                lim = max(0, min(nk, q0 + r - k0 + 1))
+                fill_ninf(S + r * ld + lim, nk - lim)
+        else:
+            for r in range(nk):
+                # queries q0 + c < k0 + r hidden: c below k0 + r - q0
+                lim = max(0, min(nq, k0 + r - q0))
+                fill_ninf(S + r * ld, lim)
+    if p.mask_kind == MASK_NONE:
+        return
     for i in range(nq):
         mrow = p.mask.ptr + b * p.mask.s[0] + h * p.mask.s[1] + (q0 + i) * p.mask.s[2]
         for j in range(nk):
@@ -162,14 +182,11 @@ cdef inline void apply_mask(real *dummy, Problem *p, real *S, long ld, int q_maj
                 e = S + i * ld + j
             else:
                 e = S + j * ld + i
-            if p.causal and k0 + j > q0 + i:
-                e[0] = -INFINITY
-            elif p.mask_kind == MASK_BOOL:
+            if p.mask_kind == MASK_BOOL:
                 if not (<unsigned char *>mrow)[(k0 + j) * p.mask.s[3]]:
                     e[0] = -INFINITY
-            elif p.mask_kind == MASK_ADD:
-                addv = (<real *>mrow)[(k0 + j) * p.mask.s[3]]
-                e[0] = e[0] + addv * LOG2E
+            else:
+                e[0] = e[0] + (<real *>mrow)[(k0 + j) * p.mask.s[3]] * LOG2E
 
 
 cdef inline void scale_tile(real *S, long ld, int nrows, int ncols, real a) noexcept nogil:
