@@ -1,0 +1,144 @@
+"""The one module of attn that imports numba.cuda.
+
+Everything else in attn.gpu reaches Numba's CUDA target through the names defined
+here, so moving to numba-cuda's successor (numba-cuda-mlir) or to another launcher is a
+change to this file alone (DESIGN.md, Dependencies).
+
+Two code paths are chosen once, at import:
+
+* ``SIM`` (``NUMBA_ENABLE_CUDASIM=1``): Numba's CUDA simulator runs kernels as Python
+  threads on host (numpy) arrays. It has no warp shuffles, no bfloat16 bit tricks
+  (libdevice) and no external streams, so launches take numpy views of CPU tensors, use
+  the default stream, and the kernels avoid shuffles entirely.
+* the real GPU: arguments are CUDA tensors, wrapped without copies as Numba device
+  arrays, and the launch goes on PyTorch's current stream.
+
+Importing this module raises ImportError when numba-cuda is missing; ``available()``
+answers whether kernels can actually run (driver, device) without raising.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() == "1"
+
+from numba import cuda  # noqa: E402  (the only numba.cuda import of attn)
+from numba import float32, int32  # noqa: E402,F401
+
+__all__ = ["SIM", "cuda", "float32", "int32", "available", "as_kernel_array", "launch",
+           "int_as_float", "float_as_int"]
+
+
+if SIM:
+    # The simulator implements kernels in Python on numpy arrays: reinterpret through
+    # numpy. (bfloat16 is not exercised in the simulator; these exist so the kernel
+    # source is the same on both paths.)
+    def int_as_float(i):
+        return np.array([i], dtype=np.int32).view(np.float32)[0]
+
+    def float_as_int(x):
+        return np.array([x], dtype=np.float32).view(np.int32)[0]
+else:
+    from numba.cuda import libdevice as _libdevice
+
+    int_as_float = _libdevice.int_as_float
+    float_as_int = _libdevice.float_as_int
+
+
+_avail: tuple[bool, str] | None = None
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when kernels can run here; else (False, the reason). Never raises."""
+    global _avail
+    if _avail is None:
+        if SIM:
+            _avail = (True, "")
+        else:
+            try:
+                if not cuda.is_available():
+                    _avail = (False, "numba.cuda finds no CUDA driver or device")
+                elif not torch.cuda.is_available():
+                    _avail = (False, "PyTorch was built without CUDA or sees no device")
+                else:
+                    _avail = (True, "")
+            except Exception as e:  # a broken driver install must not break attn
+                _avail = (False, f"numba.cuda failed to initialise: {e}")
+    return _avail
+
+
+# torch dtype -> numpy typestr of the array the kernel sees. bfloat16 has no numpy type:
+# the kernels read its bits as int16 and convert (see _kernels.py).
+_TYPESTR = {
+    torch.float32: "<f4",
+    torch.float16: "<f2",
+    torch.bfloat16: "<i2",
+    torch.int32: "<i4",
+    torch.uint8: "|u1",
+}
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements spanned by t from its first element: 1 + the largest offset. A strided
+    (transposed, expanded) tensor is passed as a flat array of this length plus its
+    strides, so no layout is ever copied."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
+class _Iface:
+    """Minimal __cuda_array_interface__ holder for a flat view of a CUDA tensor. No
+    'stream' entry: Numba then does not synchronise on it (the caller orders work by
+    launching on PyTorch's current stream)."""
+
+    __slots__ = ("__cuda_array_interface__",)
+
+    def __init__(self, ptr: int, n: int, typestr: str):
+        self.__cuda_array_interface__ = {
+            "shape": (n,), "typestr": typestr, "data": (ptr, False), "version": 3,
+            "strides": None,
+        }
+
+
+def as_kernel_array(t: torch.Tensor):
+    """A flat 1-D array over t's storage starting at t's first element, for a kernel.
+    bfloat16 is viewed as int16 (bits)."""
+    n = max(_extent(t), 1)
+    if SIM:
+        # Host memory: a numpy view sharing t's storage (writes land in t).
+        flat = torch.as_strided(t, (n,), (1,), t.storage_offset())
+        if t.dtype == torch.bfloat16:
+            flat = flat.view(torch.int16)
+        elif t.dtype == torch.bool:
+            flat = flat.view(torch.uint8)
+        return flat.numpy()
+    if t.dtype == torch.bool:
+        typestr = "|u1"
+    else:
+        typestr = _TYPESTR[t.dtype]
+    return cuda.as_cuda_array(_Iface(t.data_ptr(), n, typestr))
+
+
+_streams: dict[int, object] = {}
+
+
+def _current_stream():
+    handle = torch.cuda.current_stream().cuda_stream
+    s = _streams.get(handle)
+    if s is None:
+        # external_stream wraps PyTorch's stream without owning it; cache the wrapper.
+        s = cuda.external_stream(handle)
+        _streams[handle] = s
+    return s
+
+
+def launch(kernel, grid, block, args):
+    """Launch a compiled kernel on PyTorch's current stream (default stream in SIM)."""
+    if SIM:
+        kernel[grid, block](*args)
+    else:
+        kernel[grid, block, _current_stream(), 0](*args)
