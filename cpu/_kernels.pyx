@@ -160,8 +160,8 @@ cdef inline void apply_mask(real *dummy, Problem *p, real *S, long ld, int q_maj
     The causal rule (key > query is hidden) is a contiguous run per row in either
     layout, so it is filled, not tested per element."""
     cdef int i, j, r, lim
+    cdef long off
     cdef real *e
-    cdef char *mrow
     if p.causal:
         if q_major:
             for r in range(nq):
@@ -176,17 +176,19 @@ cdef inline void apply_mask(real *dummy, Problem *p, real *S, long ld, int q_maj
     if p.mask_kind == MASK_NONE:
         return
     for i in range(nq):
-        mrow = p.mask.ptr + b * p.mask.s[0] + h * p.mask.s[1] + (q0 + i) * p.mask.s[2]
+        # Strides are in elements: the bool mask has 1-byte elements, the additive
+        # mask has elements of the compute type.
+        off = b * p.mask.s[0] + h * p.mask.s[1] + (q0 + i) * p.mask.s[2]
         for j in range(nk):
             if q_major:
                 e = S + i * ld + j
             else:
                 e = S + j * ld + i
             if p.mask_kind == MASK_BOOL:
-                if not (<unsigned char *>mrow)[(k0 + j) * p.mask.s[3]]:
+                if not (<unsigned char *>p.mask.ptr)[off + (k0 + j) * p.mask.s[3]]:
                     e[0] = -INFINITY
             else:
-                e[0] = e[0] + (<real *>mrow)[(k0 + j) * p.mask.s[3]] * LOG2E
+                e[0] = e[0] + (<real *>p.mask.ptr)[off + (k0 + j) * p.mask.s[3]] * LOG2E
 
 
 cdef inline void scale_tile(real *S, long ld, int nrows, int ncols, real a) noexcept nogil:
