@@ -1,0 +1,111 @@
+"""attn.gpu's kernels in Numba's CUDA simulator (CI has no GPU).
+
+The simulator (NUMBA_ENABLE_CUDASIM=1) must be switched on before numba is imported,
+and it changes numba.cuda for the whole process; so every check runs in a child
+process with the variable set, and the CPU tests in the same pytest run are untouched.
+The simulator runs each CUDA thread as a Python thread on host arrays, so shapes are
+tiny: L in {1, 17, 33}, D in {8, 16}, causal and not, GQA, masks, transposed inputs;
+forward (out, lse) and backward (dq, dk, dv, with a gradient on lse too) against
+attn.reference in float64.
+
+Covered only on a real GPU (tests/test_gpu.py, marker ``gpu``): bfloat16 (its bit
+conversion uses libdevice, which the simulator lacks), float16 arithmetic as the GPU
+rounds it, launches on PyTorch's current (external) stream, the real block sizes
+(the simulator uses 8x8 tiles; the GPU 64-row CTAs with 16-64 row tiles), head dims
+above 16, long sequences, speed and determinism across runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("numba")
+
+_SCRIPT = textwrap.dedent(
+    r"""
+    import os, sys, itertools
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    import torch
+    import attn
+    try:
+        from attn import gpu
+    except ImportError:
+        attn.__path__.append(sys.argv[1])
+        from attn import gpu
+    from attn.reference import attention
+    assert gpu.SIM
+
+    def case(B, Hq, Hkv, Lq, Lk, D, Dv, causal, mask_kind, transposed, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        def mk(*s):
+            return torch.randn(*s, generator=g).to(dtype)
+        if transposed:
+            q = mk(B, Lq, Hq, D).transpose(1, 2)
+            k = mk(B, Lk, Hkv, D).transpose(1, 2)
+            v = mk(B, Lk, Hkv, Dv).transpose(1, 2)
+        else:
+            q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, Dv)
+        mask = None
+        if mask_kind == "bool":
+            mask = torch.rand(1, 1, Lq, Lk, generator=g) > 0.4
+            if Lq > 2:
+                mask[..., 2, :] = False  # a fully masked row: out 0, lse -inf
+        elif mask_kind == "additive":
+            mask = torch.randn(B, 1, Lq, Lk, generator=g).to(dtype)
+        out, lse = gpu.forward(q, k, v, mask, causal)
+        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+        ro, rl = attention(qd, kd, vd, mask, causal, None, enable_gqa=Hq != Hkv)
+        go = torch.randn(out.shape, generator=g).to(dtype)
+        gl = torch.randn(lse.shape, generator=g)
+        gl = torch.where(torch.isfinite(rl), gl, torch.zeros_like(gl))
+        rg = torch.autograd.grad((ro, rl), (qd, kd, vd), (go.double(), gl.double()))
+        grads = gpu.backward(q, k, v, out, lse, go, gl, mask, causal)
+        tol = 2e-5 if dtype == torch.float32 else 4e-3
+        name = f"B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D}/{Dv} causal={causal} mask={mask_kind} T={transposed} {dtype}"
+        assert out.dtype == dtype and lse.dtype == torch.float32, name
+        assert torch.equal(torch.isfinite(lse), torch.isfinite(rl)), name
+        fin = torch.isfinite(rl)
+        errs = {"out": (out.double() - ro).abs().max().item(),
+                "lse": (lse[fin].double() - rl[fin]).abs().max().item() if fin.any() else 0.0}
+        for n, a, b in zip(("dq", "dk", "dv"), grads, rg):
+            assert a.dtype == dtype, name
+            errs[n] = (a.double() - b).abs().max().item()
+        for n, e in errs.items():
+            assert e == e and e <= tol * 10, f"{name}: {n} err {e}"
+        return errs
+
+    cases = []
+    for (Lq, Lk), D, causal in itertools.product([(1, 1), (17, 17), (33, 17), (17, 33)],
+                                                  [8, 16], [False, True]):
+        cases.append((1, 2, 2, Lq, Lk, D, D, causal, None, False, torch.float32, len(cases)))
+    cases += [
+        (2, 4, 2, 17, 17, 8, 8, True, None, False, torch.float32, 100),   # GQA
+        (1, 4, 1, 17, 33, 8, 16, False, None, False, torch.float32, 101),  # MQA, Dv != D
+        (1, 2, 2, 17, 33, 8, 8, False, "bool", False, torch.float32, 102),
+        (2, 2, 1, 17, 17, 16, 16, True, "additive", True, torch.float32, 103),
+        (1, 2, 2, 33, 33, 16, 16, True, None, True, torch.float16, 104),
+    ]
+    worst = {}
+    for c in cases:
+        for n, e in case(*c).items():
+            worst[n] = max(worst.get(n, 0.0), e)
+    print("OK", len(cases), "cases; worst abs errors:", worst)
+    """
+)
+
+
+def test_gpu_kernels_in_cuda_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(ROOT)], env=env, cwd=str(ROOT),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, f"simulator run failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    assert "OK" in r.stdout, r.stdout
