@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 
 from . import _cuda
-from ._cuda import SIM, as_kernel_array, launch
+from ._cuda import SIM, launch
 from . import _kernels
 
 __all__ = ["SIM", "available", "forward", "backward", "block_sizes"]
@@ -129,8 +129,8 @@ def _check(*ts):
 
 def _mask_args(m, device):
     if m is None:
-        return as_kernel_array(_dummy(device)), (0, 0, 0, 0)
-    return as_kernel_array(m), _strides4(m)
+        return _dummy(device), (0, 0, 0, 0)
+    return m, _strides4(m)
 
 
 def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
@@ -151,12 +151,12 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
                                    m is not None)
     marr, ms = _mask_args(m, q.device)
     args = (
-        as_kernel_array(q), as_kernel_array(k), as_kernel_array(v),
-        as_kernel_array(out), as_kernel_array(lse), marr,
+        q, k, v,
+        out, lse, marr,
         *_strides4(q), *_strides4(k), *_strides4(v), *out.stride(), *ms,
         Hq, Hq // Hkv, Lq, Lk, scale,
-        as_kernel_array(kvf_n), as_kernel_array(kvf_i),
-        as_kernel_array(kvp_n), as_kernel_array(kvp_i), ncols,
+        kvf_n, kvf_i,
+        kvp_n, kvp_i, ncols,
     )
     launch(kern, (-(-Lq // BM), B * Hq), BM, args)
     return out, lse
@@ -188,8 +188,8 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
         bs = {"fwd": blocks, "dkdv": blocks, "dq": blocks}
     marr, ms = _mask_args(m, q.device)
     common = (
-        as_kernel_array(q), as_kernel_array(k), as_kernel_array(v),
-        as_kernel_array(grad_out), as_kernel_array(lse), as_kernel_array(delta), marr,
+        q, k, v,
+        grad_out, lse, delta, marr,
     )
     strides = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out), *ms)
     causal = bool(is_causal)
@@ -199,10 +199,10 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
                                                       m is not None, q.device)
     kern = _kernels.dkdv_kernel(kind, D, Dv, BM, BN, causal, m is not None)
     launch(kern, (-(-Lk // BN), B * Hkv), BN, (
-        *common, as_kernel_array(dk), as_kernel_array(dv), *strides,
+        *common, dk, dv, *strides,
         *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Lq, Lk, scale,
-        as_kernel_array(qf_n), as_kernel_array(qf_i),
-        as_kernel_array(qp_n), as_kernel_array(qp_i), ncols,
+        qf_n, qf_i,
+        qp_n, qp_i, ncols,
     ))
 
     BM, BN = bs["dq"]
@@ -210,9 +210,9 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
                                                       m is not None, q.device)
     kern = _kernels.dq_kernel(kind, D, Dv, BM, BN, causal, m is not None)
     launch(kern, (-(-Lq // BM), B * Hq), BM, (
-        *common, as_kernel_array(dq), *strides, *dq.stride(),
+        *common, dq, *strides, *dq.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale,
-        as_kernel_array(kf_n), as_kernel_array(kf_i),
-        as_kernel_array(kp_n), as_kernel_array(kp_i), ncols,
+        kf_n, kf_i,
+        kp_n, kp_i, ncols,
     ))
     return dq, dk, dv
