@@ -122,6 +122,20 @@ class BuildExt(build_ext):
             kept.append(ext)
         self.extensions = kept
         super().build_extensions()
+        if self.inplace:
+            self._remove_stale_variants({ext.name.rsplit(".", 1)[1] for ext in kept})
+
+    def _remove_stale_variants(self, built):
+        """An in-place (editable) build must not leave a variant from an earlier build
+        beside the new ones: attn.cpu prefers 'native', and a stale one would run old
+        code."""
+        import glob
+
+        for path in glob.glob(os.path.join(ROOT, "cpu", "_kernels_*.*")):
+            name = os.path.basename(path).split(".", 1)[0]
+            if path.endswith((".so", ".pyd")) and name not in built:
+                os.remove(path)
+                sys.stderr.write(f"attn: removed stale kernel variant {path}\n")
 
 
 def _extensions():

@@ -20,7 +20,7 @@ batches plug into the same loops. The dK/dV pass walks the transposed lists.
 from cython.parallel cimport prange, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from libc.math cimport INFINITY, log2
+from libc.math cimport INFINITY, log
 
 cdef extern from "tile_ops.h" nogil:
     void gemm_float(int M, int N, int K, const float *A, long a_rs, long a_cs,
@@ -32,13 +32,13 @@ cdef extern from "tile_ops.h" nogil:
     void softmax_cols_f64(int nrows, int ncols, double *S, long lds, double *m,
                           double *l, double *alpha)
     void bwd_rows_f32(int nrows, int ncols, float *S, long lds, float *dP, long ldp,
-                      const float *lse2, const float *delta)
+                      const float *lse, const float *delta)
     void bwd_rows_f64(int nrows, int ncols, double *S, long lds, double *dP, long ldp,
-                      const double *lse2, const double *delta)
+                      const double *lse, const double *delta)
     void bwd_cols_f32(int nrows, int ncols, float *S, long lds, float *dP, long ldp,
-                      const float *lse2, const float *delta)
+                      const float *lse, const float *delta)
     void bwd_cols_f64(int nrows, int ncols, double *S, long lds, double *dP, long ldp,
-                      const double *lse2, const double *delta)
+                      const double *lse, const double *delta)
     void scale_row_f32(float *x, int n, float a)
     void scale_row_f64(double *x, int n, double a)
     int ATTN_PAD
@@ -52,8 +52,6 @@ ctypedef fused real:
     float
     double
 
-cdef double LOG2E = 1.4426950408889634
-cdef double LN2 = 0.6931471805599453
 
 # Mask kinds (the attention mask, evaluated on partial blocks only).
 cdef enum:
@@ -80,7 +78,7 @@ cdef struct Problem:
     int B, Hq, Hkv, Lq, Lk, D, Dv, group
     int BM, BN, nqb, nkb
     int Dp, Dvp, BMp, BNp            # widths padded to ATTN_PAD for scratch rows
-    double scale2                    # softmax scale times log2(e): scores in log2 units
+    double scale                     # softmax scale, folded into the packed Q
     int causal
     int mask_kind
     Tensor4 q, k, v, o, do, mask
@@ -154,7 +152,7 @@ cdef inline void fill_ninf(real *x, int n) noexcept nogil:
 
 cdef inline void apply_mask(real *dummy, Problem *p, real *S, long ld, int q_major,
                             long b, long h, int q0, int nq, int k0, int nk) noexcept nogil:
-    """Causal rule and attention mask on a partial tile of scores in log2 units.
+    """Causal rule and attention mask on a partial tile of (scaled) scores.
 
     q_major: S[r, c] is (query q0 + r, key k0 + c); otherwise (key k0 + r, query q0 + c).
     The causal rule (key > query is hidden) is a contiguous run per row in either
@@ -188,16 +186,23 @@ cdef inline void apply_mask(real *dummy, Problem *p, real *S, long ld, int q_maj
                 if not (<unsigned char *>p.mask.ptr)[off + (k0 + j) * p.mask.s[3]]:
                     e[0] = -INFINITY
             else:
-                e[0] = e[0] + (<real *>p.mask.ptr)[off + (k0 + j) * p.mask.s[3]] * LOG2E
+                e[0] = e[0] + (<real *>p.mask.ptr)[off + (k0 + j) * p.mask.s[3]]
 
 
-cdef inline void scale_tile(real *S, long ld, int nrows, int ncols, real a) noexcept nogil:
-    cdef int r
-    for r in range(nrows):
-        if real is float:
-            scale_row_f32(S + r * ld, ncols, a)
-        else:
-            scale_row_f64(S + r * ld, ncols, a)
+cdef inline real lse_for_bwd(real x) noexcept nogil:
+    """A row that saw no key (lse = -inf) gets +inf, which makes its P exactly 0."""
+    return INFINITY if x == -INFINITY else x
+
+
+cdef inline void pack_rows(real *dummy, Tensor4 *t, long b, long h, long l0, int n,
+                           int width, real mult, real *out) noexcept nogil:
+    """out[r, c] = mult * t[b, h, l0 + r, c]: the backward's Q scaled like the forward's,
+    so its scores are bitwise the forward's (same products, same order, same FMAs)."""
+    cdef real *src = row_ptr(dummy, t, b, h, l0)
+    cdef int r, c
+    for r in range(n):
+        for c in range(width):
+            out[r * width + c] = mult * src[r * t.s[2] + c * t.s[3]]
 
 
 cdef inline void gemm(int M, int N, int K, const real *A, long a_rs, long a_cs,
@@ -245,8 +250,8 @@ cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept n
     cdef real inv
     cdef real *lse = <real *>p.lse
 
-    # Q^T scaled into log2 units once per q block; every kv block reuses it.
-    pack_transposed(dummy, &p.q, b, h, q0, mq, p.D, BMp, <real>p.scale2, Qt)
+    # Q^T scaled once per q block; every kv block reuses it.
+    pack_transposed(dummy, &p.q, b, h, q0, mq, p.D, BMp, <real>p.scale, Qt)
     for c in range(BMp):
         m_i[c] = -INFINITY
         l_i[c] = 0
@@ -285,7 +290,8 @@ cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept n
             inv = 1 / l_i[c]
             for r in range(p.Dv):
                 orow[r * p.o.s[3]] = acc[<size_t>c * p.Dvp + r] * inv
-            lse[(b * p.Hq + h) * p.Lq + q0 + c] = (m_i[c] + log2(l_i[c])) * LN2
+            # A peaked row (l = 1) stores lse = m exactly, so the backward's P is 1.
+            lse[(b * p.Hq + h) * p.Lq + q0 + c] = m_i[c] + log(<double>l_i[c])
         else:
             # No visible key: output 0 and lse -inf (never 0/0).
             for r in range(p.Dv):
@@ -314,9 +320,10 @@ cdef size_t kv_scratch_elems(Problem *p) noexcept nogil:
             + <size_t>p.Dv * p.BNp         # V^T
             + <size_t>p.BN * p.Dp          # packed K rows (for fused dQ)
             + <size_t>p.BMp * p.Dp         # packed Q rows
+            + <size_t>p.BMp * p.D          # Q rows times the softmax scale
             + <size_t>p.BMp * p.Dvp        # packed dO rows
             + 2 * <size_t>p.BMp * p.BNp    # S / P and dP / dS
-            + 2 * <size_t>p.BMp)           # lse2, delta of the q block
+            + 2 * <size_t>p.BMp)           # lse, delta of the q block
 
 
 cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
@@ -331,11 +338,12 @@ cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
     cdef real *Vt = Kt + <size_t>p.D * BNp
     cdef real *Ks = Vt + <size_t>p.Dv * BNp
     cdef real *Qs = Ks + <size_t>p.BN * p.Dp
-    cdef real *dOs = Qs + <size_t>p.BMp * p.Dp
+    cdef real *Qsc = Qs + <size_t>p.BMp * p.Dp
+    cdef real *dOs = Qsc + <size_t>p.BMp * p.D
     cdef real *S = dOs + <size_t>p.BMp * p.Dvp
     cdef real *dP = S + <size_t>p.BMp * BNp
-    cdef real *lse2 = dP + <size_t>p.BMp * BNp
-    cdef real *dl = lse2 + p.BMp
+    cdef real *lr = dP + <size_t>p.BMp * BNp
+    cdef real *dl = lr + p.BMp
     cdef real *dK = <real *>p.dk + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dp
     cdef real *dV = <real *>p.dv + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dvp
     cdef real *lse = <real *>p.lse
@@ -348,7 +356,6 @@ cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
     cdef int g, which, n, t, i, q0, mq, r
     cdef long h
     cdef Blocks *bl
-    cdef real x
 
     pack_transposed(dummy, &p.k, b, hk, k0, nk, p.D, BNp, 1, Kt)
     pack_transposed(dummy, &p.v, b, hk, k0, nk, p.Dv, BNp, 1, Vt)
@@ -368,22 +375,20 @@ cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
                 mq = min(p.BM, p.Lq - q0)
                 row = (b * p.Hq + h) * p.Lq + q0
                 for r in range(mq):
-                    x = lse[row + r]
-                    # A row that saw no key has lse = -inf: +inf makes its P exactly 0.
-                    lse2[r] = x * LOG2E if x != -INFINITY else INFINITY
+                    lr[r] = lse_for_bwd(lse[row + r])
                     dl[r] = delta[row + r]
                 Qr = rows_or_pack(dummy, &p.q, b, h, q0, mq, p.D, p.Dp, Qs, &ldq)
+                pack_rows(dummy, &p.q, b, h, q0, mq, p.D, <real>p.scale, Qsc)
                 dOr = rows_or_pack(dummy, &p.do, b, h, q0, mq, p.Dv, p.Dvp, dOs, &ldo)
-                # S = Q K^T (queries x keys), dP = dO V^T.
-                gemm(mq, BNp, p.D, Qr, ldq, 1, Kt, BNp, S, BNp, 0)
-                scale_tile(S, BNp, mq, BNp, <real>p.scale2)
+                # S = Q K^T * scale (queries x keys), dP = dO V^T.
+                gemm(mq, BNp, p.D, Qsc, p.D, 1, Kt, BNp, S, BNp, 0)
                 if which == 1:
                     apply_mask(dummy, p, S, BNp, 1, b, h, q0, mq, k0, nk)
                 gemm(mq, BNp, p.Dv, dOr, ldo, 1, Vt, BNp, dP, BNp, 0)
                 if real is float:
-                    bwd_rows_f32(mq, BNp, S, BNp, dP, BNp, lse2, dl)
+                    bwd_rows_f32(mq, BNp, S, BNp, dP, BNp, lr, dl)
                 else:
-                    bwd_rows_f64(mq, BNp, S, BNp, dP, BNp, lse2, dl)
+                    bwd_rows_f64(mq, BNp, S, BNp, dP, BNp, lr, dl)
                 # dV += P^T dO and dK += dS^T Q (unscaled; the launcher applies scale).
                 gemm(nk, p.Dvp, mq, S, 1, BNp, dOr, ldo, dV, p.Dvp, 1)
                 gemm(nk, p.Dp, mq, dP, 1, BNp, Qr, ldq, dK, p.Dp, 1)
@@ -398,7 +403,7 @@ cdef size_t q_scratch_elems(Problem *p) noexcept nogil:
             + <size_t>p.BN * p.Dp          # packed K rows
             + <size_t>p.BN * p.Dvp         # packed V rows
             + 2 * <size_t>p.BN * p.BMp     # S^T / P^T and dP^T / dS^T
-            + 2 * <size_t>p.BMp)           # lse2, delta columns
+            + 2 * <size_t>p.BMp)           # lse, delta columns
 
 
 cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
@@ -416,8 +421,8 @@ cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nog
     cdef real *Vs = Ks + <size_t>p.BN * p.Dp
     cdef real *St = Vs + <size_t>p.BN * p.Dvp
     cdef real *dPt = St + <size_t>p.BN * BMp
-    cdef real *lse2 = dPt + <size_t>p.BN * BMp
-    cdef real *dl = lse2 + BMp
+    cdef real *lc = dPt + <size_t>p.BN * BMp
+    cdef real *dl = lc + BMp
     cdef long row = (b * p.Hq + h) * p.Lq + q0
     cdef real *dQ = <real *>p.dq + row * <long>p.Dp
     cdef real *lse = <real *>p.lse
@@ -427,17 +432,17 @@ cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nog
     cdef long ldk, ldv
     cdef int which, n, t, j, k0, nk, c
     cdef Blocks *bl
-    cdef real x
 
-    pack_transposed(dummy, &p.q, b, h, q0, mq, p.D, BMp, 1, Qt)
+    # Q^T scaled exactly as the forward packs it: the scores below are bitwise the
+    # forward's, so P is consistent with the saved lse.
+    pack_transposed(dummy, &p.q, b, h, q0, mq, p.D, BMp, <real>p.scale, Qt)
     pack_transposed(dummy, &p.do, b, h, q0, mq, p.Dv, BMp, 1, dOt)
     for c in range(BMp):
         if c < mq:
-            x = lse[row + c]
-            lse2[c] = x * LOG2E if x != -INFINITY else INFINITY
+            lc[c] = lse_for_bwd(lse[row + c])
             dl[c] = delta[row + c]
         else:
-            lse2[c] = INFINITY
+            lc[c] = INFINITY
             dl[c] = 0
     memset(dQ, 0, <size_t>mq * p.Dp * sizeof(real))
 
@@ -452,14 +457,13 @@ cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nog
             Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dv, Vs, &ldv)
             # S^T = K Q^T and dP^T = V dO^T (keys x queries).
             gemm(nk, BMp, p.D, Kr, ldk, 1, Qt, BMp, St, BMp, 0)
-            scale_tile(St, BMp, nk, BMp, <real>p.scale2)
             if which == 1:
                 apply_mask(dummy, p, St, BMp, 0, b, h, q0, mq, k0, nk)
             gemm(nk, BMp, p.Dv, Vr, ldv, 1, dOt, BMp, dPt, BMp, 0)
             if real is float:
-                bwd_cols_f32(nk, BMp, St, BMp, dPt, BMp, lse2, dl)
+                bwd_cols_f32(nk, BMp, St, BMp, dPt, BMp, lc, dl)
             else:
-                bwd_cols_f64(nk, BMp, St, BMp, dPt, BMp, lse2, dl)
+                bwd_cols_f64(nk, BMp, St, BMp, dPt, BMp, lc, dl)
             # dQ (queries x D) += dS K, dS read as the transpose of dS^T.
             gemm(mq, p.Dp, nk, dPt, 1, BMp, Kr, ldk, dQ, p.Dp, 1)
 
@@ -524,7 +528,7 @@ cdef void set_problem(Problem *p, dict a) except *:
     p.nqb = (p.Lq + p.BM - 1) // p.BM
     p.nkb = (p.Lk + p.BN - 1) // p.BN
     p.Dp, p.Dvp, p.BMp, p.BNp = pad(p.D), pad(p.Dv), pad(p.BM), pad(p.BN)
-    p.scale2 = a["scale"] * LOG2E
+    p.scale = a["scale"]
     p.causal = a["causal"]
     p.mask_kind = a["mask_kind"]
     set_tensor(&p.q, a["q"][0], a["q"][1])

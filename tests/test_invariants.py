@@ -77,14 +77,13 @@ NAN_CASES = [
 
 @pytest.mark.parametrize("case", NAN_CASES, ids=[c.id() for c in NAN_CASES])
 def test_large_inputs_no_nan(case):
-    """Scores of magnitude 1e3..1e4: everything finite, and still accurate.
+    """Scores of magnitude 1e3..1e4: everything finite, and as accurate as PyTorch.
 
-    Accuracy budget: a score s is only known to about eps * |s| in the compute dtype, and
-    softmax turns an absolute score error into the same relative error of P. With
-    |s| ~ 4e3 that is ~2e-4 relative in float32, whatever the algorithm (an exp2
-    kernel that rescales s by log2(e) and recomputes P from a float32 lse, as
-    FlashAttention-2 does, pays it in the backward where PyTorch's CPU kernel happens
-    not to), so the floor here grows with max|s|."""
+    A score s is only known to about eps * |s|, and softmax turns that absolute error
+    into the same relative error of P, for PyTorch as for us. The kernels keep their
+    own share of it at PyTorch's level by recomputing the backward's scores bitwise as
+    the forward computed them and carrying lse in log2 units as a float pair (before
+    that, dv at |s| ~ 4e3 was 10x PyTorch's error): the ordinary rule applies."""
     q, k, v, mask = make_inputs(case)
     go = make_grad((case.B, case.Hq, case.Lq, case.Dv), case.dtype)
     gl = make_grad((case.B, case.Hq, case.Lq), torch.float32, seed=2)
@@ -93,13 +92,8 @@ def test_large_inputs_no_nan(case):
         assert torch.isfinite(ours[name]).all(), f"{name} has non-finite entries"
     ref = run_oracle(q, k, v, mask, case, go, gl)
     tor = run_torch(q, k, v, mask, case, go, gl)
-    smax = ref["lse"].abs().max().item()
-    eps_c = torch.finfo(torch.float64 if case.dtype == F64 else torch.float32).eps
     for name in ("out", "lse", "dq", "dk", "dv"):
-        scale = ref[name].abs().max().item()
-        # floor = FLOOR[dtype] * term_scale = 4 * eps_c * max|s| * scale
-        term = 4 * eps_c * smax * scale / FLOOR[case.dtype]
-        assert_close_to_oracle(ours[name], tor[name], ref[name], case.dtype, name, term_scale=term)
+        assert_close_to_oracle(ours[name], tor[name], ref[name], case.dtype, name)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, F16, BF16])

@@ -52,6 +52,8 @@ typedef int64_t vi64 __attribute__((vector_size(ATTN_VBYTES)));
 
 #define ATTN_INLINE static inline __attribute__((always_inline))
 
+#define ATTN_LOG2E_F 1.44269504088896341f
+
 #ifdef _OPENMP
 #define ATTN_OPENMP 1
 #else
@@ -197,15 +199,19 @@ ATTN_INLINE float exp2_f32(float x)
     return p;
 }
 
-ATTN_INLINE double exp2_f64(double x) { return exp2(x); }
 
 /*
  * Row-wise exponentials used by the forward pass, whose score tile is stored kv-major
  * (S^T, one row per key, one column per query). For every column c:
  *     m_new[c] = max(m[c], max_r S[r, c])
- *     S[r, c]  = exp2(S[r, c] - m_new[c])         (the probabilities P^T)
- *     alpha[c] = exp2(m[c] - m_new[c])             (rescale of the old state)
+ *     S[r, c]  = exp(S[r, c] - m_new[c])          (the probabilities P^T)
+ *     alpha[c] = exp(m[c] - m_new[c])              (rescale of the old state)
  *     l[c]     = alpha[c] * l[c] + sum_r S[r, c]
+ * Scores stay in natural-log units and exp(x) is computed as exp2(x * log2 e) on the
+ * difference x, which is small where P matters: the rounding of that product is
+ * relative to x, not to |S|. (Scaling the scores themselves by log2 e would make the
+ * saved natural-log lse inexact in log2 units, an error of |S| * eps in every P of the
+ * backward.)
  * A column whose maximum is still -inf (no visible key yet) subtracts 0 instead, so it
  * gets P = 0 and alpha = 1 rather than exp2(-inf - -inf) = NaN.
  * ncols is a multiple of the vector width (scratch is padded).
@@ -224,10 +230,10 @@ static void softmax_cols_f32(int nrows, int ncols, float *S, long lds, float *m,
         vf32 mold = ld_vf32(m + c);
         vi32 dead = mx == ninf;
         vf32 base = (vf32)((vi32)mx & ~dead);
-        vf32 a = vexp2_f32(mold - base);
+        vf32 a = vexp2_f32((mold - base) * ATTN_LOG2E_F);
         vf32 sum = (vf32){0};
         for (int r = 0; r < nrows; r++) {
-            vf32 p = vexp2_f32(ld_vf32(S + r * lds + c) - base);
+            vf32 p = vexp2_f32((ld_vf32(S + r * lds + c) - base) * ATTN_LOG2E_F);
             st_vf32(S + r * lds + c, p);
             sum += p;
         }
@@ -245,10 +251,10 @@ static void softmax_cols_f64(int nrows, int ncols, double *S, long lds, double *
         for (int r = 0; r < nrows; r++)
             if (S[r * lds + c] > mx) mx = S[r * lds + c];
         double base = (mx == -INFINITY) ? 0.0 : mx;
-        double a = exp2(m[c] - base);
+        double a = exp(m[c] - base);
         double sum = 0.0;
         for (int r = 0; r < nrows; r++) {
-            double p = exp2(S[r * lds + c] - base);
+            double p = exp(S[r * lds + c] - base);
             S[r * lds + c] = p;
             sum += p;
         }
@@ -260,21 +266,23 @@ static void softmax_cols_f64(int nrows, int ncols, double *S, long lds, double *
 
 /*
  * Backward probabilities and score gradients for a tile laid out with one row per
- * query (the kv-block pass): with the scores S already scaled to log2 units,
- *     P[r, c]  = exp2(S[r, c] - lse2[r])
+ * query (the kv-block pass): with the scores S computed bitwise as the forward computed
+ * them,
+ *     P[r, c]  = exp(S[r, c] - lse[r])
  *     dS[r, c] = P[r, c] * (dP[r, c] - delta[r])
- * written in place (S becomes P, dP becomes dS). A row whose lse is -inf saw no key:
- * it gets P = 0 (lse2 is replaced by +inf by the caller).
+ * written in place (S becomes P, dP becomes dS). Where the forward's lse is exactly
+ * its running maximum (a peaked row), P is exactly 1, as in PyTorch. A row whose lse
+ * is -inf saw no key: the caller passes +inf, so P = 0.
  */
 static void bwd_rows_f32(int nrows, int ncols, float *S, long lds, float *dP, long ldp,
-                         const float *lse2, const float *delta)
+                         const float *lse, const float *delta)
 {
     for (int r = 0; r < nrows; r++) {
-        vf32 L = (vf32){0} + lse2[r];
+        vf32 L = (vf32){0} + lse[r];
         vf32 D = (vf32){0} + delta[r];
         float *s = S + r * lds, *dp = dP + r * ldp;
         for (int c = 0; c < ncols; c += ATTN_VW32) {
-            vf32 p = vexp2_f32(ld_vf32(s + c) - L);
+            vf32 p = vexp2_f32((ld_vf32(s + c) - L) * ATTN_LOG2E_F);
             st_vf32(s + c, p);
             st_vf32(dp + c, p * (ld_vf32(dp + c) - D));
         }
@@ -282,12 +290,12 @@ static void bwd_rows_f32(int nrows, int ncols, float *S, long lds, float *dP, lo
 }
 
 static void bwd_rows_f64(int nrows, int ncols, double *S, long lds, double *dP, long ldp,
-                         const double *lse2, const double *delta)
+                         const double *lse, const double *delta)
 {
     for (int r = 0; r < nrows; r++) {
         double *s = S + r * lds, *dp = dP + r * ldp;
         for (int c = 0; c < ncols; c++) {
-            double p = exp2(s[c] - lse2[r]);
+            double p = exp(s[c] - lse[r]);
             s[c] = p;
             dp[c] = p * (dp[c] - delta[r]);
         }
@@ -296,12 +304,12 @@ static void bwd_rows_f64(int nrows, int ncols, double *S, long lds, double *dP, 
 
 /* The same for a tile with one column per query (the q-block pass computing dQ). */
 static void bwd_cols_f32(int nrows, int ncols, float *S, long lds, float *dP, long ldp,
-                         const float *lse2, const float *delta)
+                         const float *lse, const float *delta)
 {
     for (int r = 0; r < nrows; r++) {
         float *s = S + r * lds, *dp = dP + r * ldp;
         for (int c = 0; c < ncols; c += ATTN_VW32) {
-            vf32 p = vexp2_f32(ld_vf32(s + c) - ld_vf32(lse2 + c));
+            vf32 p = vexp2_f32((ld_vf32(s + c) - ld_vf32(lse + c)) * ATTN_LOG2E_F);
             st_vf32(s + c, p);
             st_vf32(dp + c, p * (ld_vf32(dp + c) - ld_vf32(delta + c)));
         }
@@ -309,12 +317,12 @@ static void bwd_cols_f32(int nrows, int ncols, float *S, long lds, float *dP, lo
 }
 
 static void bwd_cols_f64(int nrows, int ncols, double *S, long lds, double *dP, long ldp,
-                         const double *lse2, const double *delta)
+                         const double *lse, const double *delta)
 {
     for (int r = 0; r < nrows; r++) {
         double *s = S + r * lds, *dp = dP + r * ldp;
         for (int c = 0; c < ncols; c++) {
-            double p = exp2(s[c] - lse2[c]);
+            double p = exp(s[c] - lse[c]);
             s[c] = p;
             dp[c] = p * (dp[c] - delta[c]);
         }
