@@ -158,7 +158,7 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
         kvf_n, kvf_i,
         kvp_n, kvp_i, ncols,
     )
-    launch(kern, (-(-Lq // BM), B * Hq), BM, args)
+    launch(kern, (-(-Lq // BM), B * Hq), BM, args, q.device.index)
     return out, lse
 
 
@@ -203,7 +203,7 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
         *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Lq, Lk, scale,
         qf_n, qf_i,
         qp_n, qp_i, ncols,
-    ))
+    ), q.device.index)
 
     BM, BN = bs["dq"]
     (kf_n, kf_i, kp_n, kp_i, ncols), _ = _dense_lists(Lq, Lk, BM, BN, causal,
@@ -214,5 +214,5 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
         Hq, Hq // Hkv, Lq, Lk, scale,
         kf_n, kf_i,
         kp_n, kp_i, ncols,
-    ))
+    ), q.device.index)
     return dq, dk, dv

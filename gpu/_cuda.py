@@ -126,8 +126,17 @@ def as_kernel_array(t: torch.Tensor):
 _streams: dict[int, object] = {}
 
 
-def _current_stream():
-    handle = torch.cuda.current_stream().cuda_stream
+try:
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # ~0.3 us, no Stream object
+except AttributeError:  # pragma: no cover - older/other torch builds
+    _raw_stream = None
+
+
+def _current_stream(device_index=None):
+    if _raw_stream is not None and device_index is not None:
+        handle = _raw_stream(device_index)
+    else:
+        handle = torch.cuda.current_stream().cuda_stream
     s = _streams.get(handle)
     if s is None:
         # external_stream wraps PyTorch's stream without owning it; cache the wrapper.
@@ -176,11 +185,24 @@ class _FastLaunch:
         base = ctypes.addressof(self.buf)
         self.params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
         self.layout = layout
-        self.handle = kern._codelibrary.get_cufunc().handle
-        self.nv = drv.USE_NV_BINDING
+        lib = getattr(kern, "_codelibrary", None) or getattr(kern, "library")
+        self.handle = lib.get_cufunc().handle
+        self.nv = getattr(drv, "USE_NV_BINDING", True)
         self.params_arg = ctypes.addressof(self.params) if self.nv else self.params
         self.extra = 0 if self.nv else None
         self.cuLaunchKernel = drv.driver.cuLaunchKernel
+        self.ok = None
+        self.used = False
+        try:
+            # The cuda-python binding called directly skips numba's per-call context
+            # check; its result code is checked here.
+            from cuda.bindings import driver as cb
+
+            if self.nv:
+                self.cuLaunchKernel = cb.cuLaunchKernel
+                self.ok = cb.CUresult.CUDA_SUCCESS
+        except ImportError:
+            pass
 
     def __call__(self, grid, block, stream, args):
         vals = []
@@ -193,30 +215,41 @@ class _FastLaunch:
                 vals.append(a)
         self.struct.pack_into(self.buf, 0, *vals)
         gx, gy = grid
-        self.cuLaunchKernel(self.handle, gx, gy, 1, block, 1, 1, 0, stream.handle,
-                            self.params_arg, self.extra)
+        r = self.cuLaunchKernel(self.handle, gx, gy, 1, block, 1, 1, 0, stream.handle,
+                                self.params_arg, self.extra)
+        if self.ok is not None and r[0] != self.ok:
+            raise RuntimeError(f"attn.gpu: cuLaunchKernel failed: {r[0]!r}")
 
 
 _fast: dict[int, object] = {}
+fast_launch_errors: list[str] = []  # why a kernel fell back to Numba's launch
 FAST_LAUNCH = os.environ.get("ATTN_GPU_FAST_LAUNCH", "1") != "0"
 
 
-def launch(kernel, grid, block, args):
+def launch(kernel, grid, block, args, device_index=None):
     """Launch a kernel on PyTorch's current stream (default stream in SIM). Tensor
     arguments are passed as flat arrays over their storage (no copies)."""
     if SIM:
         kernel[grid, block](*[as_kernel_array(a) if isinstance(a, torch.Tensor) else a
                               for a in args])
         return
-    stream = _current_stream()
+    stream = _current_stream(device_index)
     fast = _fast.get(id(kernel)) if FAST_LAUNCH else None
     if fast is not None:
-        fast(grid, block, stream, args)
-        return
+        try:
+            fast(grid, block, stream, args)
+            fast.used = True
+            return
+        except Exception as e:  # first use of an untested binding: fall back for good
+            if fast.used:
+                raise
+            _fast[id(kernel)] = None
+            fast_launch_errors.append(f"{type(e).__name__}: {e}")
     kernel[grid, block, stream, 0](*[as_kernel_array(a) if isinstance(a, torch.Tensor)
                                      else a for a in args])
     if FAST_LAUNCH and id(kernel) not in _fast:
         try:
             _fast[id(kernel)] = _FastLaunch(kernel)
-        except Exception:  # another numba-cuda ABI: keep the ordinary launch
+        except Exception as e:  # another numba-cuda ABI: keep the ordinary launch
             _fast[id(kernel)] = None
+            fast_launch_errors.append(f"{type(e).__name__}: {e}")
