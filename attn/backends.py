@@ -24,6 +24,7 @@ __all__ = [
     "Backend",
     "BackendNotSupportedError",
     "CpuBackend",
+    "GpuBackend",
     "ReferenceBackend",
     "get_backend",
     "list_backends",
@@ -152,8 +153,12 @@ class ReferenceBackend(Backend):
             return torch.autograd.grad(outs, (q, k, v), grads, allow_unused=True)
 
 
+# After Backend: attn._gpu_backend subclasses it (and imports no numba at import).
+from ._gpu_backend import GpuBackend  # noqa: E402
+
 # The registry: a short literal list, in order of automatic preference.
 _REGISTRY: dict[str, Backend] = {
+    "gpu": GpuBackend(),
     "cpu": CpuBackend(),
     "reference": ReferenceBackend(),
 }
