@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import torch
 
+from attn._blocks import dense_block_classes
+
 __all__ = [
     "ISA",
     "BLOCK_M",
@@ -123,23 +125,7 @@ def _dense_lists(Lq: int, Lk: int, BM: int, BN: int, causal: bool, masked: bool)
     Returns (kv_full, kv_part, q_full, q_part), each a (num, idx) pair shaped
     (1, 1, rows) and (1, 1, rows, cols) int32 (batch and head broadcast). With an
     attention mask every visited block is partial (the mask must be read)."""
-    nqb = -(-Lq // BM)
-    nkb = -(-Lk // BN)
-    qi = torch.arange(nqb).view(-1, 1)
-    kj = torch.arange(nkb).view(1, -1)
-    if causal:
-        q_first = qi * BM
-        q_last = torch.clamp((qi + 1) * BM, max=Lq) - 1
-        k_first = kj * BN
-        k_last = torch.clamp((kj + 1) * BN, max=Lk) - 1
-        visible = k_first <= q_last           # some key of the block is <= some query
-        full = k_last <= q_first              # every key <= every query of the block
-    else:
-        visible = torch.ones(nqb, nkb, dtype=torch.bool)
-        full = visible.clone()
-    if masked:
-        full = torch.zeros_like(full)
-    part = visible & ~full
+    full, part = dense_block_classes(Lq, Lk, BM, BN, causal, masked)
 
     def pack(sel: torch.Tensor):
         # Indices of the selected blocks in increasing order, left-aligned per row.

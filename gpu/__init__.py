@@ -21,6 +21,8 @@ from functools import lru_cache
 
 import torch
 
+from attn._blocks import dense_block_classes
+
 from . import _cuda
 from ._cuda import SIM, launch
 from . import _kernels
@@ -57,23 +59,7 @@ def _dense_lists(Lq: int, Lk: int, BM: int, BN: int, causal: bool, masked: bool,
     for each direction; idx is row-major (rows, ncols). With an attention mask every
     visible block is partial (the mask must be read). Built on the host once per shape
     and cached, so a call costs no host-to-device copy after the first."""
-    nqb = -(-Lq // BM)
-    nkb = -(-Lk // BN)
-    qi = torch.arange(nqb).view(-1, 1)
-    kj = torch.arange(nkb).view(1, -1)
-    if causal:
-        q_first = qi * BM
-        q_last = torch.clamp((qi + 1) * BM, max=Lq) - 1
-        k_first = kj * BN
-        k_last = torch.clamp((kj + 1) * BN, max=Lk) - 1
-        visible = k_first <= q_last   # some key of the block is <= some query of it
-        full = k_last <= q_first      # every key <= every query
-    else:
-        visible = torch.ones(nqb, nkb, dtype=torch.bool)
-        full = visible.clone()
-    if masked:
-        full = torch.zeros_like(full)
-    part = visible & ~full
+    full, part = dense_block_classes(Lq, Lk, BM, BN, causal, masked)
 
     def pack(sel: torch.Tensor):
         num = sel.sum(-1).to(torch.int32)
