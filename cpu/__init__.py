@@ -94,6 +94,11 @@ def _load():
 
 ISA, _k = _load()
 OPENMP = _k.openmp_enabled()
+_PAD = _k.pad_width()
+
+
+def _padded(n: int) -> int:
+    return -(-n // _PAD) * _PAD
 
 
 def num_threads() -> int:
@@ -234,16 +239,15 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     BM, BN = blocks or (BLOCK_M, BLOCK_N)
-    pad = lambda n: -(-n // 16) * 16  # noqa: E731 -- the kernels' ATTN_PAD
     # d(lse_i)/d(s_ij) = P_ij, so a gradient on lse enters as delta_i -= dlse_i.
     delta = (doc * oc).sum(-1, dtype=cdt)
     if grad_lse is not None:
         delta = delta - grad_lse.to(cdt)
     delta = delta.contiguous()
     lse_c = lse.to(cdt).contiguous()
-    dq = torch.zeros(B, Hq, Lq, pad(D), dtype=cdt)
-    dk = torch.zeros(B, Hkv, Lk, pad(D), dtype=cdt)
-    dv = torch.zeros(B, Hkv, Lk, pad(Dv), dtype=cdt)
+    dq = torch.zeros(B, Hq, Lq, _padded(D), dtype=cdt)
+    dk = torch.zeros(B, Hkv, Lk, _padded(D), dtype=cdt)
+    dv = torch.zeros(B, Hkv, Lk, _padded(Dv), dtype=cdt)
     if Lq and Lk:
         args, keep = _common_args(qc, kc, vc, attn_mask, is_causal, scale, (BM, BN))
         args.update(

@@ -18,7 +18,7 @@ Dense and causal attention are lists the launcher builds; block masks and jagged
 batches plug into the same loops. The dK/dV pass walks the transposed lists.
 """
 from cython.parallel cimport prange, threadid
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport free
 from libc.string cimport memset
 from libc.math cimport INFINITY, log
 
@@ -213,6 +213,24 @@ cdef inline void gemm(int M, int N, int K, const real *A, long a_rs, long a_cs,
         gemm_double(M, N, K, A, a_rs, a_cs, Bm, ldb, C, ldc, acc)
 
 
+cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q0,
+                         int mq, int j, bint partial, const real *Qt, real *St, real *Ks,
+                         const real **Kr, long *ldk) noexcept nogil:
+    """S^T (keys x queries) of kv block j against a q block whose Q^T, times the softmax
+    scale, is Qt; the causal rule and the mask are applied on partial blocks. The
+    forward and the dQ pass both compute their scores here, so the dQ pass reproduces
+    the forward's bitwise. Returns the block's key count and leaves its K rows (padded
+    to Dp, for a later dS K) in Kr / ldk."""
+    cdef int k0 = j * p.BN
+    cdef int nk = min(p.BN, p.Lk - k0)
+    Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0, nk, p.D, p.Dp, Ks, ldk)
+    # Broadcast K, vectors of Q^T.
+    gemm(nk, p.BMp, p.D, Kr[0], ldk[0], 1, Qt, p.BMp, St, p.BMp, 0)
+    if partial:
+        apply_mask(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0, nk)
+    return nk
+
+
 # ----------------------------------------------------------------------------- forward
 
 cdef size_t fwd_scratch_elems(Problem *p) noexcept nogil:
@@ -265,12 +283,7 @@ cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept n
         for t in range(n):
             j = blocks_at(bl, b, h, i, t)
             k0 = j * p.BN
-            nk = min(p.BN, p.Lk - k0)
-            Kr = rows_or_pack(dummy, &p.k, b, hk, k0, nk, p.D, p.D, Ks, &ldk)
-            # S^T (keys x queries) = K Q^T: broadcast K, vectors of Q^T.
-            gemm(nk, BMp, p.D, Kr, ldk, 1, Qt, BMp, St, BMp, 0)
-            if which == 1:
-                apply_mask(dummy, p, St, BMp, 0, b, h, q0, mq, k0, nk)
+            nk = scores_t(dummy, p, b, h, hk, q0, mq, j, which == 1, Qt, St, Ks, &Kr, &ldk)
             if real is float:
                 softmax_cols_f32(nk, BMp, St, BMp, m_i, l_i, alpha)
             else:
@@ -452,13 +465,9 @@ cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nog
         for t in range(n):
             j = blocks_at(bl, b, h, i, t)
             k0 = j * p.BN
-            nk = min(p.BN, p.Lk - k0)
-            Kr = rows_or_pack(dummy, &p.k, b, hk, k0, nk, p.D, p.Dp, Ks, &ldk)
+            nk = scores_t(dummy, p, b, h, hk, q0, mq, j, which == 1, Qt, St, Ks, &Kr, &ldk)
             Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dv, Vs, &ldv)
-            # S^T = K Q^T and dP^T = V dO^T (keys x queries).
-            gemm(nk, BMp, p.D, Kr, ldk, 1, Qt, BMp, St, BMp, 0)
-            if which == 1:
-                apply_mask(dummy, p, St, BMp, 0, b, h, q0, mq, k0, nk)
+            # dP^T = V dO^T (keys x queries).
             gemm(nk, BMp, p.Dv, Vr, ldv, 1, dOt, BMp, dPt, BMp, 0)
             if real is float:
                 bwd_cols_f32(nk, BMp, St, BMp, dPt, BMp, lc, dl)
@@ -592,9 +601,9 @@ def backward(dict args, bint double_precision, int nthreads, bint fused):
     free(scratch)
 
 
-def vector_bytes():
-    """Width in bytes of the vectors this variant was compiled for."""
-    return ATTN_VBYTES
+def pad_width():
+    """Scratch rows and the dq/dk/dv accumulators are padded to this many elements."""
+    return ATTN_PAD
 
 
 def openmp_enabled():
