@@ -66,12 +66,41 @@ def _storer(kind: str):
     return st
 
 
+@lru_cache(maxsize=None)
+def _stager(kind: str, ROWS: int, W: int, NT: int):
+    """Device function copying rows r0..r0+ROWS of one (batch, head) slice, W columns,
+    from global memory into a shared (ROWS, W) float32 tile, NT threads striding over
+    the elements; rows at or past L are zero-filled. Every tile a kernel stages (K and
+    V in the forward and dQ kernels, Q and dO in dK/dV) goes through it."""
+    ld = _loader(kind)
+
+    @cuda.jit(device=True, inline=True)
+    def stage(tile, a, base, r0, s_l, s_d, L, tid):
+        for e in range(tid, ROWS * W, NT):
+            r = e // W
+            d = e - r * W
+            rr = r0 + r
+            tile[r, d] = ld(a, base + rr * s_l + d * s_d) if rr < L else float32(0.0)
+
+    return stage
+
+
+@cuda.jit(device=True, inline=True)
+def _block_at(it, nf, row, ncols, full_idx, part_idx):
+    """The it-th block of a row's list: its nf full blocks first, then the partial ones."""
+    if it >= nf:
+        return part_idx[row * ncols + it - nf]
+    return full_idx[row * ncols + it]
+
+
 # ------------------------------------------------------------------------ forward --
 @lru_cache(maxsize=None)
 def forward_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool,
                    MASK: bool):
     ld = _loader(kind)
     st = _storer(kind)
+    stage_k = _stager(kind, BN, D, BM)
+    stage_v = _stager(kind, BN, Dv, BM)
 
     @cuda.jit(fastmath=True)
     def fwd(q, k, v, o, lse, mask,
@@ -111,23 +140,11 @@ def forward_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool,
         nt = nf + kvp_num[qb]
         for it in range(nt):
             partial = it >= nf
-            if partial:
-                kb = kvp_idx[qb * ncols + it - nf]
-            else:
-                kb = kvf_idx[qb * ncols + it]
-            n0 = kb * BN
+            n0 = _block_at(it, nf, qb, ncols, kvf_idx, kvp_idx) * BN
             # Barrier: every thread has finished reading the previous tile.
             cuda.syncthreads()
-            for e in range(tid, BN * D, BM):
-                n = e // D
-                d = e - n * D
-                kn = n0 + n
-                Ks[n, d] = ld(k, kbase + kn * ks_l + d * ks_d) if kn < Lk else float32(0.0)
-            for e in range(tid, BN * Dv, BM):
-                n = e // Dv
-                d = e - n * Dv
-                kn = n0 + n
-                Vs[n, d] = ld(v, vbase + kn * vs_l + d * vs_d) if kn < Lk else float32(0.0)
+            stage_k(Ks, k, kbase, n0, ks_l, ks_d, Lk, tid)
+            stage_v(Vs, v, vbase, n0, vs_l, vs_d, Lk, tid)
             # Barrier: the tile is complete before anyone reads it.
             cuda.syncthreads()
 
@@ -185,6 +202,8 @@ def dkdv_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK
     q blocks that see this kv block. dK = scale * sum_i dS_ij q_i, dV = sum_i P_ij dO_i."""
     ld = _loader(kind)
     st = _storer(kind)
+    stage_q = _stager(kind, BM, D, BN)
+    stage_do = _stager(kind, BM, Dv, BN)
 
     @cuda.jit(fastmath=True)
     def dkdv(q, k, v, do, lse, delta, mask, dk, dv,
@@ -230,22 +249,10 @@ def dkdv_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK
             rbase = (b * Hq + h) * Lq
             for it in range(nt):
                 partial = it >= nf
-                if partial:
-                    qb = qp_idx[kb * ncols + it - nf]
-                else:
-                    qb = qf_idx[kb * ncols + it]
-                m0 = qb * BM
+                m0 = _block_at(it, nf, kb, ncols, qf_idx, qp_idx) * BM
                 cuda.syncthreads()  # previous tile fully read
-                for e in range(tid, BM * D, BN):
-                    m = e // D
-                    d = e - m * D
-                    qm = m0 + m
-                    Qs[m, d] = ld(q, qbase + qm * qs_l + d * qs_d) if qm < Lq else float32(0.0)
-                for e in range(tid, BM * Dv, BN):
-                    m = e // Dv
-                    d = e - m * Dv
-                    qm = m0 + m
-                    dOs[m, d] = ld(do, gbase + qm * gs_l + d * gs_d) if qm < Lq else float32(0.0)
+                stage_q(Qs, q, qbase, m0, qs_l, qs_d, Lq, tid)
+                stage_do(dOs, do, gbase, m0, gs_l, gs_d, Lq, tid)
                 for m in range(tid, BM, BN):
                     qm = m0 + m
                     if qm < Lq:
@@ -296,6 +303,8 @@ def dq_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK: 
     dQ = scale * sum_j dS_ij k_j, dS = P * (dO . v_j - delta)."""
     ld = _loader(kind)
     st = _storer(kind)
+    stage_k = _stager(kind, BN, D, BM)
+    stage_v = _stager(kind, BN, Dv, BM)
 
     @cuda.jit(fastmath=True)
     def dq_k(q, k, v, do, lse, delta, mask, dq,
@@ -341,22 +350,10 @@ def dq_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK: 
         nt = nf + kvp_num[qb]
         for it in range(nt):
             partial = it >= nf
-            if partial:
-                kb = kvp_idx[qb * ncols + it - nf]
-            else:
-                kb = kvf_idx[qb * ncols + it]
-            n0 = kb * BN
+            n0 = _block_at(it, nf, qb, ncols, kvf_idx, kvp_idx) * BN
             cuda.syncthreads()
-            for e in range(tid, BN * D, BM):
-                n = e // D
-                d = e - n * D
-                kn = n0 + n
-                Ks[n, d] = ld(k, kbase + kn * ks_l + d * ks_d) if kn < Lk else float32(0.0)
-            for e in range(tid, BN * Dv, BM):
-                n = e // Dv
-                d = e - n * Dv
-                kn = n0 + n
-                Vs[n, d] = ld(v, vbase + kn * vs_l + d * vs_d) if kn < Lk else float32(0.0)
+            stage_k(Ks, k, kbase, n0, ks_l, ks_d, Lk, tid)
+            stage_v(Vs, v, vbase, n0, vs_l, vs_d, Lk, tid)
             cuda.syncthreads()
             for n in range(BN):
                 kn = n0 + n
