@@ -12,14 +12,10 @@ from typing import Optional
 
 import torch
 
-from ._problem import AttentionProblem
+from ._problem import AttentionProblem, accumulation_dtype
 from .backends import get_backend
 
 __all__ = ["sdpa_forward", "sdpa_backward"]
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _problem(query, key, value, attn_mask, is_causal, scale) -> AttentionProblem:
@@ -51,7 +47,7 @@ def sdpa_forward(
 def _(query, key, value, attn_mask, is_causal, scale, backend):
     B, Hq, Lq, _ = query.shape
     out = query.new_empty(B, Hq, Lq, value.shape[3])
-    lse = query.new_empty(B, Hq, Lq, dtype=_lse_dtype(query.dtype))
+    lse = query.new_empty(B, Hq, Lq, dtype=accumulation_dtype(query.dtype))
     return out, lse
 
 

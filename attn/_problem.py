@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionProblem", "make_problem"]
+__all__ = ["AttentionProblem", "accumulation_dtype", "make_problem"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type kernels accumulate in, and the dtype of lse: float64 for float64 inputs,
+    float32 for every other floating type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 
 from attn._blocks import dense_block_classes
+from attn._problem import accumulation_dtype
 
 __all__ = [
     "ISA",
@@ -142,10 +143,6 @@ def _dense_lists(Lq: int, Lk: int, BM: int, BN: int, causal: bool, masked: bool)
     return pack(full), pack(part), pack(full.t()), pack(part.t())
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _as_compute(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # float16/bfloat16 are upcast once per call (O(L*D), against O(L^2*D) work);
     # float32/float64 tensors go to the kernels as they are, whatever their strides.
@@ -193,7 +190,7 @@ def _common_args(q, k, v, attn_mask, is_causal, scale, blocks):
 
 def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
     """out (dtype of q) and lse (float32; float64 for float64 inputs), natural log."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = accumulation_dtype(q.dtype)
     qc, kc, vc = (_as_compute(t, cdt) for t in (q, k, v))
     B, Hq, Lq, D = q.shape
     Dv = v.shape[3]
@@ -233,7 +230,7 @@ def choose_schedule(B: int, Hkv: int, nthreads: int) -> str:
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
              is_causal=False, scale=None, blocks=None):
     """dq, dk, dv in the input dtypes. grad_lse (optional) is the gradient reaching lse."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = accumulation_dtype(q.dtype)
     qc, kc, vc, oc, doc = (_as_compute(t, cdt) for t in (q, k, v, out, grad_out))
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
