@@ -51,8 +51,6 @@ class GpuBackend(Backend):
         ok, why = gpu.available()
         if not ok:
             reasons.append(why)
-        if problem.Hq % problem.Hkv:
-            reasons.append(f"Hq={problem.Hq} is not a multiple of Hkv={problem.Hkv}")
         return reasons
 
     def forward(self, problem):
