@@ -15,7 +15,7 @@ import torch
 from ._problem import AttentionProblem, accumulation_dtype
 from .backends import get_backend
 
-__all__ = ["sdpa_forward", "sdpa_backward"]
+__all__ = ["sdpa_forward", "sdpa_backward", "attention"]
 
 
 def _problem(query, key, value, attn_mask, is_causal, scale) -> AttentionProblem:
@@ -98,3 +98,42 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerSdpa(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls.
+
+    Dispatching a Python custom op costs tens of microseconds per call (schema checks,
+    aliasing checks, the autograd wrapper); an autograd.Function costs a few. The public
+    functions use this class in eager mode and the custom ops while torch.compile traces
+    (torch.compiler.is_compiling()), so compiled graphs see one opaque op with a fake
+    implementation and eager calls stay cheap; both run the same backend methods."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, is_causal, scale, backend):
+        problem = _problem(query, key, value, attn_mask, is_causal, scale)
+        out, lse = get_backend(backend).forward(problem)
+        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+        ctx.is_causal, ctx.scale, ctx.backend = is_causal, scale, backend
+        # Gradients of unused outputs arrive as None, not zero tensors: an lse nobody
+        # differentiates adds nothing to delta.
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, attn_mask, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        problem = _problem(query, key, value, attn_mask, ctx.is_causal, ctx.scale)
+        dq, dk, dv = get_backend(ctx.backend).backward(problem, out, lse, grad_out,
+                                                       grad_lse)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(query, key, value, attn_mask, is_causal, scale, backend):
+    """(out, lse) through the custom op when torch.compile is tracing, else through the
+    equivalent autograd.Function."""
+    if torch.compiler.is_compiling():
+        return sdpa_forward(query, key, value, attn_mask, is_causal, scale, backend)
+    return _EagerSdpa.apply(query, key, value, attn_mask, is_causal, scale, backend)

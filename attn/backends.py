@@ -224,10 +224,17 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _forced_name() -> str | None:
+    # torch.compile cannot trace ContextVar.get(); the forced backend is fixed for the
+    # duration of a compiled call, so dynamo may take it as a constant.
+    return _forced.get()
+
+
 def select_backend(problem: AttentionProblem) -> Backend:
     """The forced backend if one is set (it must support the call), else the first
     automatic backend that supports it."""
-    forced = _forced.get()
+    forced = _forced_name()
     if forced is not None:
         backend = get_backend(forced)
         reasons = list(backend.not_supported_reasons(problem))

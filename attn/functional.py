@@ -75,7 +75,7 @@ def scaled_dot_product_attention(
     if getattr(backend, "autograd_native", False):
         out, lse = backend.forward(problem)
     else:
-        out, lse = _ops.sdpa_forward(
+        out, lse = _ops.attention(
             query, key, value, attn_mask, is_causal, problem.scale, backend.name
         )
     return (out, lse) if return_lse else out

@@ -27,7 +27,7 @@ from . import _cuda
 from ._cuda import SIM, launch
 from . import _kernels
 
-__all__ = ["SIM", "available", "forward", "backward", "block_sizes"]
+__all__ = ["SIM", "available", "forward", "backward", "tilings", "Tiling"]
 
 available = _cuda.available
 
@@ -35,20 +35,40 @@ _KIND = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 DTYPES = tuple(_KIND)
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(int(x), 1).bit_length() - 1)
+Tiling = _kernels.Tiling
+
+# Per head-dim bucket (the larger of D and Dv): forward, dK/dV and dQ tilings. Each
+# keeps a thread's register micro-tiles (scores plus its share of the output rows)
+# near 100-130 floats, under the 255-register limit with no local-memory spill, and
+# the CTA's shared tiles under the 227 KiB an H100 CTA may take. bench/NOTES.md has
+# the measurements behind them.
+_TILINGS = (
+    (64, {"fwd": Tiling(8, 8, 8, 8), "dkdv": Tiling(16, 8, 8, 4),
+          "dq": Tiling(8, 8, 8, 8)}),
+    (128, {"fwd": Tiling(16, 8, 8, 4), "dkdv": Tiling(16, 8, 4, 4),
+           "dq": Tiling(16, 8, 8, 4)}),
+    (256, {"fwd": Tiling(16, 8, 4, 4), "dkdv": Tiling(16, 8, 4, 2),
+           "dq": Tiling(16, 8, 4, 4)}),
+)
+# The simulator runs every CUDA thread as a Python thread: 2x2 threads of 2x2 tiles
+# still exercise the strided micro-tiles, ragged edges and multi-block lists.
+_SIM_TILING = Tiling(2, 2, 2, 2)
 
 
-def block_sizes(D: int, Dv: int) -> dict:
-    """Tile sizes per kernel. The thread count of a CTA is its BM (forward, dq) or BN
-    (dkdv): one thread per row. The streamed tile (BN rows of K and V, or BM rows of Q
-    and dO) is sized to about 40 KiB of shared memory, under the 48 KiB a CTA may take
-    statically, so D = 256 gets 16-row tiles and D <= 64 gets 64-row tiles. The
-    simulator gets 8x8 tiles: each simulated thread is a Python thread."""
+def tilings(D: int, Dv: int) -> dict:
+    """The Tiling of each kernel ("fwd", "dkdv", "dq") for head dims D, Dv."""
     if SIM:
-        return {"fwd": (8, 8), "dkdv": (8, 8), "dq": (8, 8)}
-    stream = max(8, min(64, _pow2_floor(10240 // (D + Dv))))
-    return {"fwd": (64, stream), "dkdv": (stream, 64), "dq": (64, stream)}
+        return {"fwd": _SIM_TILING, "dkdv": _SIM_TILING, "dq": _SIM_TILING}
+    w = max(D, Dv)
+    for limit, t in _TILINGS:
+        if w <= limit:
+            return t
+    raise ValueError(f"attn.gpu supports head dims up to 256, got {w}")
+
+
+@lru_cache(maxsize=None)
+def _shmem(kernel: str, t: Tiling, D: int, Dv: int) -> int:
+    return 4 * _kernels.shared_floats(kernel, t, D, Dv)
 
 
 @lru_cache(maxsize=512)
@@ -119,7 +139,7 @@ def _mask_args(m, device):
     return m, _strides4(m)
 
 
-def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
+def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None):
     """out (dtype of q) and lse (float32, natural log, (B, Hq, Lq))."""
     _check(q, k, v)
     B, Hq, Lq, D = q.shape
@@ -129,27 +149,36 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    BM, BN = blocks or block_sizes(D, Dv)["fwd"]
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
-    (kvf_n, kvf_i, kvp_n, kvp_i, ncols), _ = _dense_lists(
-        Lq, Lk, BM, BN, bool(is_causal), m is not None, q.device)
-    kern = _kernels.forward_kernel(_KIND[q.dtype], D, Dv, BM, BN, bool(is_causal),
-                                   m is not None)
+    kern, grid, threads, shmem, lists = _fwd_plan(
+        q.dtype, D, Dv, B, Hq, Lq, Lk, bool(is_causal), m is not None, q.device, tiling)
     marr, ms = _mask_args(m, q.device)
     args = (
         q, k, v,
         out, lse, marr,
         *_strides4(q), *_strides4(k), *_strides4(v), *out.stride(), *ms,
         Hq, Hq // Hkv, Lq, Lk, scale,
-        kvf_n, kvf_i,
-        kvp_n, kvp_i, ncols,
+        *lists,
     )
-    launch(kern, (-(-Lq // BM), B * Hq), BM, args, q.device.index)
+    launch(kern, grid, threads, args, q.device.index, shmem)
     return out, lse
 
 
+@lru_cache(maxsize=1024)
+def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling):
+    """Everything about a forward launch that depends only on the shapes: the compiled
+    kernel, grid, block, shared memory and the kv-block lists (on the device). Cached,
+    so a repeated call costs one dictionary lookup here."""
+    t = tiling or tilings(D, Dv)["fwd"]
+    (kvf_n, kvf_i, kvp_n, kvp_i, ncols), _ = _dense_lists(
+        Lq, Lk, t.rows, t.cols, causal, masked, device)
+    kern = _kernels.forward_kernel(_KIND[dtype], D, Dv, t, causal, masked)
+    return (kern, (-(-Lq // t.rows), B * Hq), t.threads, _shmem("fwd", t, D, Dv),
+            (kvf_n, kvf_i, kvp_n, kvp_i, ncols))
+
+
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
-             is_causal=False, scale=None, blocks=None):
+             is_causal=False, scale=None, tiling=None):
     """dq, dk, dv in the input dtypes. grad_lse (optional) is the gradient reaching lse."""
     _check(q, k, v)
     B, Hq, Lq, D = q.shape
@@ -169,9 +198,7 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     lse = lse.float().contiguous()
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
     kind = _KIND[q.dtype]
-    bs = block_sizes(D, Dv)
-    if blocks is not None:
-        bs = {"fwd": blocks, "dkdv": blocks, "dq": blocks}
+    ts = tiling or tilings(D, Dv)
     marr, ms = _mask_args(m, q.device)
     common = (
         q, k, v,
@@ -180,25 +207,27 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     strides = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out), *ms)
     causal = bool(is_causal)
 
-    BM, BN = bs["dkdv"]
+    t = ts["dkdv"]
+    BN, BM = t.rows, t.cols  # rows of this kernel's tiles are keys
     _, (qf_n, qf_i, qp_n, qp_i, ncols) = _dense_lists(Lq, Lk, BM, BN, causal,
                                                       m is not None, q.device)
-    kern = _kernels.dkdv_kernel(kind, D, Dv, BM, BN, causal, m is not None)
-    launch(kern, (-(-Lk // BN), B * Hkv), BN, (
+    kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None)
+    launch(kern, (-(-Lk // BN), B * Hkv), t.threads, (
         *common, dk, dv, *strides,
         *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Lq, Lk, scale,
         qf_n, qf_i,
         qp_n, qp_i, ncols,
-    ), q.device.index)
+    ), q.device.index, _shmem("dkdv", t, D, Dv))
 
-    BM, BN = bs["dq"]
+    t = ts["dq"]
+    BM, BN = t.rows, t.cols
     (kf_n, kf_i, kp_n, kp_i, ncols), _ = _dense_lists(Lq, Lk, BM, BN, causal,
                                                       m is not None, q.device)
-    kern = _kernels.dq_kernel(kind, D, Dv, BM, BN, causal, m is not None)
-    launch(kern, (-(-Lq // BM), B * Hq), BM, (
+    kern = _kernels.dq_kernel(kind, D, Dv, t, causal, m is not None)
+    launch(kern, (-(-Lq // BM), B * Hq), t.threads, (
         *common, dq, *strides, *dq.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale,
         kf_n, kf_i,
         kp_n, kp_i, ncols,
-    ), q.device.index)
+    ), q.device.index, _shmem("dq", t, D, Dv))
     return dq, dk, dv

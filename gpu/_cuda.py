@@ -18,6 +18,7 @@ answers whether kernels can actually run (driver, device) without raising.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -26,10 +27,10 @@ import torch
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() == "1"
 
 from numba import cuda  # noqa: E402  (the only numba.cuda import of attn)
-from numba import float32, int32  # noqa: E402,F401
+from numba import float32, int32, uint64  # noqa: E402,F401
 
-__all__ = ["SIM", "cuda", "float32", "int32", "available", "as_kernel_array", "launch",
-           "int_as_float", "float_as_int"]
+__all__ = ["SIM", "cuda", "float32", "int32", "uint64", "available", "as_kernel_array",
+           "launch", "int_as_float", "float_as_int", "fast_exp"]
 
 
 if SIM:
@@ -41,11 +42,17 @@ if SIM:
 
     def float_as_int(x):
         return np.array([x], dtype=np.float32).view(np.int32)[0]
+
+    fast_exp = math.exp
 else:
     from numba.cuda import libdevice as _libdevice
 
     int_as_float = _libdevice.int_as_float
     float_as_int = _libdevice.float_as_int
+    # exp through the hardware ex2 unit (one multiply by log2(e), then MUFU.EX2): the
+    # kernels only take exp of (score - running max) <= 0, where its few-ulp relative
+    # error is far below the float32 rounding of the products around it. Maps -inf to 0.
+    fast_exp = _libdevice.fast_expf
 
 
 _avail: tuple[bool, str] | None = None
@@ -85,6 +92,8 @@ def _extent(t: torch.Tensor) -> int:
     """Elements spanned by t from its first element: 1 + the largest offset. A strided
     (transposed, expanded) tensor is passed as a flat array of this length plus its
     strides, so no layout is ever copied."""
+    if t.is_contiguous():
+        return t.numel()
     if t.numel() == 0:
         return 0
     return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
@@ -153,17 +162,14 @@ class _FastLaunch:
     Numba's kernel ABI passes a 1-D array as 7 machine words (meminfo, parent, nitems,
     itemsize, data, shape, stride) and int64/float64 scalars as one word each, so every
     parameter is 8 bytes: one int64 buffer, its slot addresses precomputed once.
-    cuLaunchKernel copies the parameters at launch, so the buffer is reused at once.
-    Built from the overload the dispatcher compiled on the first (ordinary) launch."""
+    cuLaunchKernel copies the parameters at launch, so the buffer is reused at once."""
 
-    def __init__(self, dispatcher):
+    def __init__(self, kern, handle):
         import ctypes
         import struct
 
         from numba.core import types
-        from numba.cuda.cudadrv import driver as drv
 
-        (kern,) = dispatcher.overloads.values()
         fmt, layout = "<", []
         for ty in kern.argument_types:
             if isinstance(ty, types.Array):
@@ -184,72 +190,168 @@ class _FastLaunch:
         self.buf = (ctypes.c_int64 * n)()
         base = ctypes.addressof(self.buf)
         self.params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-        self.layout = layout
-        lib = getattr(kern, "_codelibrary", None) or getattr(kern, "library")
-        self.handle = lib.get_cufunc().handle
-        self.nv = getattr(drv, "USE_NV_BINDING", True)
-        self.params_arg = ctypes.addressof(self.params) if self.nv else self.params
-        self.extra = 0 if self.nv else None
-        self.cuLaunchKernel = drv.driver.cuLaunchKernel
-        self.ok = None
+        self.layout = tuple(layout)
+        self.params_arg = ctypes.cast(self.params, ctypes.c_void_p)
+        # The driver's cuLaunchKernel called through ctypes costs about a microsecond;
+        # the cuda-python wrapper converts its arguments per call and costs ~10x that.
+        # A CUkernel handle (numba-cuda's library loading) is accepted where a
+        # CUfunction is (CUDA >= 12).
+        self.handle = ctypes.c_void_p(getattr(handle, "value", None) or int(handle))
+        self.cuLaunchKernel = _libcuda_launch()
         self.used = False
-        try:
-            # The cuda-python binding called directly skips numba's per-call context
-            # check; its result code is checked here.
-            from cuda.bindings import driver as cb
 
-            if self.nv:
-                self.cuLaunchKernel = cb.cuLaunchKernel
-                self.ok = cb.CUresult.CUDA_SUCCESS
-        except ImportError:
-            pass
-
-    def __call__(self, grid, block, stream, args):
+    def __call__(self, grid, block, shmem, stream_handle, args):
         vals = []
         for kind, a in zip(self.layout, args):
             if kind == "a":
-                n = max(_extent(a), 1)
+                n = _extent(a) or 1
                 isz = a.element_size()
                 vals += (0, 0, n, isz, a.data_ptr(), n, isz)
             else:
                 vals.append(a)
         self.struct.pack_into(self.buf, 0, *vals)
         gx, gy = grid
-        r = self.cuLaunchKernel(self.handle, gx, gy, 1, block, 1, 1, 0, stream.handle,
-                                self.params_arg, self.extra)
-        if self.ok is not None and r[0] != self.ok:
-            raise RuntimeError(f"attn.gpu: cuLaunchKernel failed: {r[0]!r}")
+        r = self.cuLaunchKernel(self.handle, gx, gy, 1, block, 1, 1, shmem, stream_handle,
+                                self.params_arg, None)
+        if r != 0:
+            raise RuntimeError(f"attn.gpu: cuLaunchKernel failed with CUresult {r}")
 
 
-_fast: dict[int, object] = {}
+_launch_fn = None
+
+
+def _libcuda_launch():
+    global _launch_fn
+    if _launch_fn is None:
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        f = lib.cuLaunchKernel
+        u = ctypes.c_uint
+        f.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_void_p]
+        f.restype = ctypes.c_int
+        _launch_fn = f
+    return _launch_fn
+
+
+# CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES in the driver API's CUfunction_attribute.
+_MAX_DYNAMIC_SHARED = 8
+
+
+def _set_max_dynamic_shared(handle, nbytes: int):
+    """Allow a kernel more than the default 48 KiB of dynamic shared memory (Numba has no
+    API for it; the attribute is set on the compiled function's driver handle)."""
+    from numba.cuda.cudadrv import driver as drv
+
+    if getattr(drv, "USE_NV_BINDING", True):
+        from cuda.bindings import driver as cb
+
+        attr = cb.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if isinstance(handle, getattr(cb, "CUkernel", ())):
+            # numba-cuda loads modules as context-independent libraries: the handle is
+            # a CUkernel, whose attributes are set per device.
+            r, dev = cb.cuCtxGetDevice()
+            if r == cb.CUresult.CUDA_SUCCESS:
+                (r,) = cb.cuKernelSetAttribute(attr, nbytes, handle, dev)
+        else:
+            (r,) = cb.cuFuncSetAttribute(handle, attr, nbytes)
+        if r != cb.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(
+                f"attn.gpu: this GPU refuses {nbytes} bytes of shared memory per block "
+                f"({r!r}); set smaller tiles")
+    else:
+        drv.driver.cuFuncSetAttribute(handle, _MAX_DYNAMIC_SHARED, nbytes)
+
+
+class _Prepared:
+    """One kernel specialisation compiled for its argument types, with its shared-memory
+    limit raised and, when the driver binding allows, a fast launcher."""
+
+    __slots__ = ("kern", "handle", "fast", "shmem")
+
+    def __init__(self, dispatcher, args, shmem):
+        from numba import typeof
+        from numba.core import types
+
+        tys = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                tys.append(typeof(as_kernel_array(a)))
+            elif isinstance(a, float):
+                tys.append(types.float64)
+            else:
+                tys.append(types.int64)
+        # Compiling for explicit types (or loading them from Numba's on-disk cache)
+        # yields the driver function before the first launch, so the shared-memory
+        # attribute is in place when that launch needs more than 48 KiB.
+        self.kern = dispatcher.compile(tuple(tys))
+        if not hasattr(self.kern, "get_regs_per_thread"):  # a Numba returning the cres
+            self.kern = dispatcher.overloads[tuple(tys)]
+        lib = getattr(self.kern, "_codelibrary", None) or getattr(self.kern, "library")
+        self.handle = lib.get_cufunc().handle
+        self.shmem = 0
+        self.reserve(shmem)
+        self.fast = None
+        if FAST_LAUNCH:
+            try:
+                self.fast = _FastLaunch(self.kern, self.handle)
+            except Exception as e:  # another numba-cuda ABI: keep the ordinary launch
+                fast_launch_errors.append(f"{type(e).__name__}: {e}")
+
+    def reserve(self, shmem):
+        if shmem > self.shmem:
+            if shmem > 48 * 1024:
+                _set_max_dynamic_shared(self.handle, shmem)
+            self.shmem = shmem
+
+
+_prepared: dict[int, _Prepared] = {}
 fast_launch_errors: list[str] = []  # why a kernel fell back to Numba's launch
 FAST_LAUNCH = os.environ.get("ATTN_GPU_FAST_LAUNCH", "1") != "0"
 
 
-def launch(kernel, grid, block, args, device_index=None):
-    """Launch a kernel on PyTorch's current stream (default stream in SIM). Tensor
-    arguments are passed as flat arrays over their storage (no copies)."""
+def prepare(kernel, args, shmem=0) -> _Prepared:
+    """Compile ``kernel`` for ``args`` once (or load it from the disk cache) and return
+    its launcher; later calls are a dict lookup."""
+    p = _prepared.get(id(kernel))
+    if p is None:
+        p = _prepared[id(kernel)] = _Prepared(kernel, args, shmem)
+    else:
+        p.reserve(shmem)
+    return p
+
+
+def _stream_handle(device_index):
+    if _raw_stream is not None and device_index is not None:
+        return _raw_stream(device_index)
+    return torch.cuda.current_stream().cuda_stream
+
+
+def launch(kernel, grid, block, args, device_index=None, shmem=0):
+    """Launch a kernel on PyTorch's current stream (default stream in SIM) with
+    ``shmem`` bytes of dynamic shared memory. Tensor arguments are passed as flat
+    arrays over their storage (no copies)."""
     if SIM:
-        kernel[grid, block](*[as_kernel_array(a) if isinstance(a, torch.Tensor) else a
-                              for a in args])
+        kernel[grid, block, 0, shmem](*[as_kernel_array(a) if isinstance(a, torch.Tensor)
+                                        else a for a in args])
         return
-    stream = _current_stream(device_index)
-    fast = _fast.get(id(kernel)) if FAST_LAUNCH else None
+    p = _prepared.get(id(kernel))
+    if p is None or p.shmem < shmem:
+        p = prepare(kernel, args, shmem)
+    fast = p.fast
     if fast is not None:
         try:
-            fast(grid, block, stream, args)
-            fast.used = True
-            return
-        except Exception as e:  # first use of an untested binding: fall back for good
+            fast(grid, block, shmem, _stream_handle(device_index), args)
+        except Exception as e:
+            # A launcher that fails on its first call is dropped for good; one that
+            # worked before re-raises (a genuine launch error).
             if fast.used:
                 raise
-            _fast[id(kernel)] = None
+            p.fast = None
             fast_launch_errors.append(f"{type(e).__name__}: {e}")
-    kernel[grid, block, stream, 0](*[as_kernel_array(a) if isinstance(a, torch.Tensor)
-                                     else a for a in args])
-    if FAST_LAUNCH and id(kernel) not in _fast:
-        try:
-            _fast[id(kernel)] = _FastLaunch(kernel)
-        except Exception as e:  # another numba-cuda ABI: keep the ordinary launch
-            _fast[id(kernel)] = None
-            fast_launch_errors.append(f"{type(e).__name__}: {e}")
+        else:
+            fast.used = True
+            return
+    kernel[grid, block, _current_stream(device_index), shmem](
+        *[as_kernel_array(a) if isinstance(a, torch.Tensor) else a for a in args])

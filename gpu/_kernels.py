@@ -1,40 +1,97 @@
-"""Numba CUDA kernels: tiled online-softmax attention forward and backward (FA-2).
+"""Numba CUDA kernels: tiled online-softmax attention forward and backward (FA-2), SIMT.
 
 Every kernel is built by a factory for one specialisation (element kind, head dims,
-block sizes, causal, mask) so shapes of shared/local arrays and the branches on causal
-and mask are compile-time constants; the factories are lru-cached, so each
-specialisation compiles once per process.
+tiling, causal, mask), so tile shapes, shared-memory offsets and the branches on causal
+and mask are compile-time constants; the factories are lru-cached (compile once per
+process) and the kernels are cached on disk by Numba (``cache=True``).
 
-Work decomposition (SIMT, float32 accumulation):
+Register micro-tiles
+--------------------
+A CTA is a TY x TX grid of threads. Each tile product ``C[a, b] = sum_k A[a, k] B[k, b]``
+gives thread (ty, tx) an RA x RB micro-tile of C held in registers: rows
+``a_i = ty + TY*i`` and columns ``b_j = tx + TX*j`` (strided, so the lanes of a warp read
+consecutive or odd-strided shared addresses: no bank conflicts). Per step of k a thread
+loads RA + RB values from shared memory for RA*RB fused multiply-adds; with 8x8 or 8x4
+micro-tiles the FMA units, not shared-memory bandwidth, set the pace. All shared tiles
+are row-major with an odd leading dimension (width rounded up to TX, plus 1), so both
+"along a row" and "down a column" reads are conflict-free. The products:
 
-* forward: one CTA per (q block of BM rows, batch*head), one thread per query row. The
-  thread keeps its scaled q row and the output accumulator ``acc`` in registers; the CTA
-  stages K and V tiles of BN keys in shared memory, which every thread then reads at the
-  same address (a broadcast, no bank conflicts). The kv blocks come from per-q-block
-  lists, full blocks first, then partial ones: only partial blocks evaluate the causal
-  rule and read attn_mask, so block masks and jagged offsets plug in as other lists.
-* backward (split schedule, no atomics, deterministic): ``dkdv`` gives one thread per key
-  and walks the transposed (q-block) lists for every query head of its kv group, so GQA
-  needs no reduction afterwards; ``dq`` gives one thread per query and walks the kv-block
-  lists. Both recompute P from the saved lse. delta = rowsum(dO*O) - dlse is prepared
-  by the launcher.
+* forward: S = Q K^T (rows: queries, cols: keys), then O += P V (cols: head dim);
+* dK/dV: S^T = K Q^T and dP^T = V dO^T (rows: keys, cols: queries), then dV += P^T dO,
+  dK += dS^T Q;
+* dQ: S = Q K^T and dP = dO V^T, then dQ += dS K.
+
+``_mm_nt`` and ``_mm_nn`` are the only inner products: a tensor-core path replaces these
+two device functions with mma fragments.
+
+Softmax statistics: each row of S is spread over the TX threads of a row group; the
+row max is combined through a small shared array (no warp shuffles, so the simulator
+runs the same code), the row sum stays per thread until the end.
+
+Work decomposition: forward and dQ give one CTA per (q block, batch*head) and walk the
+q block's kv-block list (full blocks first, then partial ones: only partial blocks
+evaluate the causal rule and read attn_mask, so block masks and jagged offsets are
+other lists). dK/dV gives one CTA per (kv block, batch*kv head) and walks the
+transposed lists for every query head of its group (GQA without a reduction). No
+atomics: the backward is deterministic. Shared memory is dynamic (one flat float32
+array per CTA, carved at compile-time offsets) because the tiles exceed the 48 KiB a
+CTA gets statically; the launcher raises the per-kernel limit.
 
 Tensors arrive as flat 1-D arrays plus element strides (any layout, broadcast strides 0
-included); bfloat16 arrives as int16 bits and is converted here.
-
-The inner products are plain loops over shared-memory tiles; a tensor-core path
-replaces exactly the two loops marked "S = Q K^T" and "acc += P V" (and their backward
-counterparts) with mma fragments later.
+included); bfloat16 arrives as int16 bits and is converted here. Every shared-memory
+index goes through ``U`` (unsigned): Numba wraps negative signed indices with a
+compare-and-select per load, which unsigned indices skip.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
-from ._cuda import SIM, cuda, float32, float_as_int, int32, int_as_float
+import numpy as np
 
-NEG_INF = float("-inf")
-POS_INF = float("inf")
+from ._cuda import SIM, cuda, fast_exp, float32, float_as_int, int32, int_as_float, uint64
+
+# float32 constants: a Python float is float64 in Numba, and comparing or mixing it with
+# float32 values puts double-precision conversions into the inner loops.
+NEG_INF = np.float32(-np.inf)
+POS_INF = np.float32(np.inf)
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+U = uint64
+_JIT = dict(cache=not SIM)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """A CTA of TY x TX threads; each thread holds RM rows by RN columns of the score
+    tile, so the fixed block has TY*RM rows and the streamed block TX*RN."""
+
+    TX: int
+    TY: int
+    RM: int
+    RN: int
+
+    @property
+    def rows(self) -> int:
+        return self.TY * self.RM
+
+    @property
+    def cols(self) -> int:
+        return self.TX * self.RN
+
+    @property
+    def threads(self) -> int:
+        return self.TX * self.TY
+
+    def width(self, W: int) -> int:
+        """Columns of a W-wide output per thread (the head dim split over TX)."""
+        return -(-W // self.TX)
+
+    def ld(self, W: int) -> int:
+        """Leading dimension of a shared tile of width W: rounded up to TX (so the
+        micro-tile columns stay inside the row) plus one (odd: conflict-free)."""
+        return self.width(W) * self.TX + 1
 
 
 # ------------------------------------------------------------------ element access --
@@ -67,22 +124,118 @@ def _storer(kind: str):
 
 
 @lru_cache(maxsize=None)
-def _stager(kind: str, ROWS: int, W: int, NT: int):
+def _stager(kind: str, ROWS: int, W: int, LD: int, NT: int):
     """Device function copying rows r0..r0+ROWS of one (batch, head) slice, W columns,
-    from global memory into a shared (ROWS, W) float32 tile, NT threads striding over
-    the elements; rows at or past L are zero-filled. Every tile a kernel stages (K and
-    V in the forward and dQ kernels, Q and dO in dK/dV) goes through it."""
+    times ``mul``, into the shared tile at ``off`` (row-major, leading dimension LD);
+    rows at or past L and the padding columns W..LD-2 are zero-filled. NT threads
+    stride over the elements, consecutive threads on consecutive columns (coalesced
+    global reads, conflict-free shared writes)."""
     ld = _loader(kind)
+    WP = LD - 1
+
+    # Thread tid starts at element tid of the row-major (ROWS, WP) tile and strides by
+    # NT: its (row, column) advance by constant steps, so no division in the loop.
+    RS = NT // WP
+    DS = NT - RS * WP
 
     @cuda.jit(device=True, inline=True)
-    def stage(tile, a, base, r0, s_l, s_d, L, tid):
-        for e in range(tid, ROWS * W, NT):
-            r = e // W
-            d = e - r * W
+    def stage(sm, off, a, base, r0, s_l, s_d, L, mul, tid):
+        r = tid // WP
+        d = tid - r * WP
+        while r < ROWS:
             rr = r0 + r
-            tile[r, d] = ld(a, base + rr * s_l + d * s_d) if rr < L else float32(0.0)
+            x = ZERO
+            if rr < L and d < W:
+                x = ld(a, base + rr * s_l + d * s_d) * mul
+            sm[U(off + r * LD + d)] = x
+            r += RS
+            d += DS
+            if d >= WP:
+                d -= WP
+                r += 1
 
     return stage
+
+
+def _mm(RA: int, RB: int, K: int, SA: int, SB: int, KA: int, KB: int):
+    """acc[i, j] += sum_k A(i, k) * B(j, k) over one shared-memory tile, where thread's
+    operands sit at ``pa + i*SA + k*KA`` and ``pb + j*SB + k*KB`` (compile-time strides).
+
+    Software-pipelined by hand: the loads for step k+1 are issued before the FMAs of
+    step k, two register sets alternating (a 2x unrolled loop, so no register copies),
+    which hides shared-memory latency with few warps per SM."""
+
+    @cuda.jit(device=True, inline=True)
+    def mm(acc, sm, pa, pb):
+        a0 = cuda.local.array(RA, float32)
+        b0 = cuda.local.array(RB, float32)
+        a1 = cuda.local.array(RA, float32)
+        b1 = cuda.local.array(RB, float32)
+        for i in range(RA):
+            a0[i] = sm[U(pa + i * SA)]
+        for j in range(RB):
+            b0[j] = sm[U(pb + j * SB)]
+        for k2 in range(K // 2):
+            k = 2 * k2 + 1
+            for i in range(RA):
+                a1[i] = sm[U(pa + i * SA + k * KA)]
+            for j in range(RB):
+                b1[j] = sm[U(pb + j * SB + k * KB)]
+            for i in range(RA):
+                for j in range(RB):
+                    acc[i, j] += a0[i] * b0[j]
+            if k + 1 < K:
+                for i in range(RA):
+                    a0[i] = sm[U(pa + i * SA + (k + 1) * KA)]
+                for j in range(RB):
+                    b0[j] = sm[U(pb + j * SB + (k + 1) * KB)]
+            for i in range(RA):
+                for j in range(RB):
+                    acc[i, j] += a1[i] * b1[j]
+        if K % 2 == 1:
+            for i in range(RA):
+                for j in range(RB):
+                    acc[i, j] += a0[i] * b0[j]
+
+    return mm
+
+
+@lru_cache(maxsize=None)
+def _mm_nt(RA: int, RB: int, TA: int, TB: int, K: int, LDA: int, LDB: int):
+    """acc[i, j] += sum_k A[a_i, k] * B[b_j, k]: both operands row-major in shared
+    memory (A at a0 with leading dimension LDA, B at b0 with LDB), a_i = ta + TA*i,
+    b_j = tb + TB*j."""
+    inner = _mm(RA, RB, K, TA * LDA, TB * LDB, 1, 1)
+
+    @cuda.jit(device=True, inline=True)
+    def mm(acc, sm, a0, ta, b0, tb):
+        inner(acc, sm, a0 + ta * LDA, b0 + tb * LDB)
+
+    return mm
+
+
+@lru_cache(maxsize=None)
+def _mm_nn(RA: int, RB: int, TA: int, TB: int, K: int, LDA: int, LDB: int):
+    """acc[i, j] += sum_k A[a_i, k] * B[k, b_j]: A row-major at a0 (LDA), B row-major at
+    b0 (LDB) read along its rows, a_i = ta + TA*i, b_j = tb + TB*j."""
+    inner = _mm(RA, RB, K, TA * LDA, TB, 1, LDB)
+
+    @cuda.jit(device=True, inline=True)
+    def mm(acc, sm, a0, ta, b0, tb):
+        inner(acc, sm, a0 + ta * LDA, b0 + tb)
+
+    return mm
+
+
+@lru_cache(maxsize=None)
+def _zero(R: int, C: int):
+    @cuda.jit(device=True, inline=True)
+    def zero(a):
+        for i in range(R):
+            for j in range(C):
+                a[i, j] = ZERO
+
+    return zero
 
 
 @cuda.jit(device=True, inline=True)
@@ -93,16 +246,64 @@ def _block_at(it, nf, row, ncols, full_idx, part_idx):
     return full_idx[row * ncols + it]
 
 
+def shared_floats(kernel: str, t: Tiling, D: int, Dv: int) -> int:
+    """float32 words of dynamic shared memory a kernel's CTA needs."""
+    return _layout(kernel, t, D, Dv)["total"]
+
+
+def _layout(kernel: str, t: Tiling, D: int, Dv: int) -> dict:
+    """Offsets (in float32 words) of the shared tiles of each kernel."""
+    LDQ, LDV = t.ld(D), t.ld(Dv)
+    R, C = t.rows, t.cols
+    lay = {}
+    if kernel == "fwd":
+        # Q (R rows) stays; K (C rows) is dead once S is formed, so P (R x C) reuses it.
+        lay["q"] = 0
+        lay["k"] = lay["p"] = R * LDQ
+        lay["v"] = lay["k"] + max(C * LDQ, R * (C + 1))
+        lay["red"] = lay["v"] + C * LDV
+        lay["total"] = lay["red"] + R * t.TX
+    elif kernel == "dkdv":
+        # K, V (R key rows) stay; Q, dO (C query rows) stream with their lse and delta.
+        lay["k"] = 0
+        lay["v"] = R * LDQ
+        lay["q"] = lay["v"] + R * LDV
+        lay["do"] = lay["q"] + C * LDQ
+        lay["p"] = lay["do"] + C * LDV
+        lay["ds"] = lay["p"] + R * (C + 1)
+        lay["l"] = lay["ds"] + R * (C + 1)
+        lay["d"] = lay["l"] + C
+        lay["total"] = lay["d"] + C
+    else:  # dq
+        # Q, dO (R query rows) stay; K, V (C key rows) stream.
+        lay["q"] = 0
+        lay["do"] = R * LDQ
+        lay["k"] = lay["do"] + R * LDV
+        lay["v"] = lay["k"] + C * LDQ
+        lay["ds"] = lay["v"] + C * LDV
+        lay["total"] = lay["ds"] + R * (C + 1)
+    return lay
+
+
 # ------------------------------------------------------------------------ forward --
 @lru_cache(maxsize=None)
-def forward_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool,
-                   MASK: bool):
-    ld = _loader(kind)
+def forward_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
     st = _storer(kind)
-    stage_k = _stager(kind, BN, D, BM)
-    stage_v = _stager(kind, BN, Dv, BM)
+    TX, TY, RM, RN = t.TX, t.TY, t.RM, t.RN
+    BM, BN, NT = t.rows, t.cols, t.threads
+    RD = t.width(Dv)
+    LDQ, LDV, LDP = t.ld(D), t.ld(Dv), BN + 1
+    lay = _layout("fwd", t, D, Dv)
+    OQ, OK, OP, OV, OR = lay["q"], lay["k"], lay["p"], lay["v"], lay["red"]
+    stage_q = _stager(kind, BM, D, LDQ, NT)
+    stage_k = _stager(kind, BN, D, LDQ, NT)
+    stage_v = _stager(kind, BN, Dv, LDV, NT)
+    qk = _mm_nt(RM, RN, TY, TX, D, LDQ, LDQ)
+    pv = _mm_nn(RM, RD, TY, TX, BN, LDP, LDV)
+    zero_s = _zero(RM, RN)
+    zero_o = _zero(RM, RD)
 
-    @cuda.jit(fastmath=True)
+    @cuda.jit(**_JIT)
     def fwd(q, k, v, o, lse, mask,
             qs_b, qs_h, qs_l, qs_d, ks_b, ks_h, ks_l, ks_d,
             vs_b, vs_h, vs_l, vs_d, os_b, os_h, os_l, os_d,
@@ -115,97 +316,141 @@ def forward_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool,
         h = bh - b * Hq
         hk = h // G
         tid = cuda.threadIdx.x
-        row = qb * BM + tid
-        valid = row < Lq
+        ty = tid // TX
+        tx = tid - ty * TX
+        m0 = qb * BM
 
-        Ks = cuda.shared.array((BN, D), float32)
-        Vs = cuda.shared.array((BN, Dv), float32)
-        qr = cuda.local.array(D, float32)
-        acc = cuda.local.array(Dv, float32)
-        sc = cuda.local.array(BN, float32)
+        sm = cuda.shared.array(0, float32)
+        s = cuda.local.array((RM, RN), float32)
+        acc = cuda.local.array((RM, RD), float32)
+        m_i = cuda.local.array(RM, float32)
+        l_i = cuda.local.array(RM, float32)
 
-        qbase = b * qs_b + h * qs_h + row * qs_l
-        for d in range(D):
-            # The softmax scale is folded into q once: S = (scale*q) . k
-            qr[d] = ld(q, qbase + d * qs_d) * scale if valid else float32(0.0)
-        for d in range(Dv):
-            acc[d] = 0.0
-        m_i = float32(NEG_INF)
-        l_i = float32(0.0)
+        # The softmax scale is folded into Q once: S = (scale*Q) K^T.
+        stage_q(sm, OQ, q, b * qs_b + h * qs_h, m0, qs_l, qs_d, Lq, float32(scale), tid)
+        zero_o(acc)
+        for i in range(RM):
+            m_i[i] = NEG_INF
+            l_i[i] = ZERO
         kbase = b * ks_b + hk * ks_h
         vbase = b * vs_b + hk * vs_h
-        mbase = b * ms_b + h * ms_h + row * ms_q
+        mbase = b * ms_b + h * ms_h
 
         nf = kvf_num[qb]
         nt = nf + kvp_num[qb]
         for it in range(nt):
             partial = it >= nf
             n0 = _block_at(it, nf, qb, ncols, kvf_idx, kvp_idx) * BN
-            # Barrier: every thread has finished reading the previous tile.
+            # Barrier: every thread is done with the previous K/P and V tiles.
             cuda.syncthreads()
-            stage_k(Ks, k, kbase, n0, ks_l, ks_d, Lk, tid)
-            stage_v(Vs, v, vbase, n0, vs_l, vs_d, Lk, tid)
-            # Barrier: the tile is complete before anyone reads it.
+            stage_k(sm, OK, k, kbase, n0, ks_l, ks_d, Lk, ONE, tid)
+            stage_v(sm, OV, v, vbase, n0, vs_l, vs_d, Lk, ONE, tid)
             cuda.syncthreads()
 
-            # S = Q K^T for this thread's row, and the tile's row max.
-            mt = float32(NEG_INF)
-            for n in range(BN):
-                s = float32(0.0)
-                for d in range(D):
-                    s += qr[d] * Ks[n, d]
-                kn = n0 + n
-                ok = kn < Lk
-                if partial:
-                    if CAUSAL:
-                        ok = ok and kn <= row
-                    if MASK:
-                        if ok and valid:
-                            s += mask[mbase + kn * ms_k]
-                sc[n] = s if ok else float32(NEG_INF)
-                mt = max(mt, sc[n])
-            m_new = max(m_i, mt)
-            # A row that has seen only masked keys keeps m = -inf and skips the update
-            # (exp(-inf - -inf) would be NaN).
-            if m_new > NEG_INF:
-                alpha = math.exp(m_i - m_new)
-                l_i *= alpha
-                for d in range(Dv):
-                    acc[d] *= alpha
-                # acc += P V
-                for n in range(BN):
-                    p = math.exp(sc[n] - m_new)
-                    l_i += p
-                    for d in range(Dv):
-                        acc[d] += p * Vs[n, d]
-                m_i = m_new
+            zero_s(s)
+            qk(s, sm, OQ, ty, OK, tx)
+            for i in range(RM):
+                row = m0 + ty + TY * i
+                mx = NEG_INF
+                for j in range(RN):
+                    col = n0 + tx + TX * j
+                    x = s[i, j]
+                    ok = col < Lk
+                    if partial:
+                        if CAUSAL:
+                            ok = ok and col <= row
+                        if MASK:
+                            if ok and row < Lq:
+                                x += mask[mbase + row * ms_q + col * ms_k]
+                    if not ok:
+                        x = NEG_INF
+                    s[i, j] = x
+                    mx = max(mx, x)
+                sm[U(OR + (ty + TY * i) * TX + tx)] = mx
+            # Barrier: the row-group maxima are published (and K is no longer read,
+            # so P may overwrite it).
+            cuda.syncthreads()
+            for i in range(RM):
+                r = ty + TY * i
+                mx = m_i[i]
+                for u in range(TX):
+                    mx = max(mx, sm[U(OR + r * TX + u)])
+                # A row that has seen only masked keys keeps m = -inf: P = 0 and no
+                # rescale (exp(-inf - -inf) would be NaN).
+                alpha = ONE
+                if mx > NEG_INF:
+                    alpha = fast_exp(m_i[i] - mx)
+                m_i[i] = mx
+                ls = ZERO
+                for j in range(RN):
+                    p = ZERO
+                    if mx > NEG_INF:
+                        p = fast_exp(s[i, j] - mx)
+                    ls += p
+                    sm[U(OP + r * LDP + tx + TX * j)] = p
+                l_i[i] = l_i[i] * alpha + ls
+                for j in range(RD):
+                    acc[i, j] *= alpha
+            # Barrier: P is complete.
+            cuda.syncthreads()
+            pv(acc, sm, OP, ty, OV, tx)
 
-        if valid:
-            obase = b * os_b + h * os_h + row * os_l
-            if l_i > 0.0:
-                inv = 1.0 / l_i
-                for d in range(Dv):
-                    st(o, obase + d * os_d, acc[d] * inv)
-                lse[bh * Lq + row] = m_i + math.log(l_i)
-            else:
-                for d in range(Dv):
-                    st(o, obase + d * os_d, float32(0.0))
-                lse[bh * Lq + row] = NEG_INF
+        # Each thread holds part of each row's sum: combine them through shared memory.
+        cuda.syncthreads()
+        for i in range(RM):
+            sm[U(OR + (ty + TY * i) * TX + tx)] = l_i[i]
+        cuda.syncthreads()
+        for i in range(RM):
+            r = ty + TY * i
+            row = m0 + r
+            if row < Lq:
+                lsum = ZERO
+                for u in range(TX):
+                    lsum += sm[U(OR + r * TX + u)]
+                obase = b * os_b + h * os_h + row * os_l
+                inv = ZERO
+                if lsum > ZERO:
+                    inv = ONE / lsum
+                for j in range(RD):
+                    d = tx + TX * j
+                    if d < Dv:
+                        st(o, obase + d * os_d, acc[i, j] * inv)
+                if tx == 0:
+                    lv = NEG_INF
+                    if lsum > ZERO:
+                        lv = m_i[i] + math.log(lsum)
+                    lse[bh * Lq + row] = lv
 
     return fwd
 
 
 # ----------------------------------------------------------------------- backward --
 @lru_cache(maxsize=None)
-def dkdv_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK: bool):
-    """One thread per key (BN per CTA); loops over query heads of the kv group and the
-    q blocks that see this kv block. dK = scale * sum_i dS_ij q_i, dV = sum_i P_ij dO_i."""
-    ld = _loader(kind)
+def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
+    """One CTA per (kv block of t.rows keys, batch * kv head); loops over the query
+    heads of the kv group and the q blocks (t.cols queries) that see this kv block.
+    dV = sum_i P_ij dO_i, dK = scale * sum_i dS_ij q_i, dS = P * (dO.v - delta)."""
     st = _storer(kind)
-    stage_q = _stager(kind, BM, D, BN)
-    stage_do = _stager(kind, BM, Dv, BN)
+    TX, TY, RM, RN = t.TX, t.TY, t.RM, t.RN
+    BN, BM, NT = t.rows, t.cols, t.threads
+    RDK, RDV = t.width(D), t.width(Dv)
+    LDQ, LDV, LDP = t.ld(D), t.ld(Dv), BM + 1
+    lay = _layout("dkdv", t, D, Dv)
+    OK, OV, OQ, OO, OP, OS, OL, OD = (lay[n] for n in ("k", "v", "q", "do", "p", "ds",
+                                                        "l", "d"))
+    stage_k = _stager(kind, BN, D, LDQ, NT)
+    stage_v = _stager(kind, BN, Dv, LDV, NT)
+    stage_q = _stager(kind, BM, D, LDQ, NT)
+    stage_o = _stager(kind, BM, Dv, LDV, NT)
+    kq = _mm_nt(RM, RN, TY, TX, D, LDQ, LDQ)
+    vo = _mm_nt(RM, RN, TY, TX, Dv, LDV, LDV)
+    pdo = _mm_nn(RM, RDV, TY, TX, BM, LDP, LDV)
+    dsq = _mm_nn(RM, RDK, TY, TX, BM, LDP, LDQ)
+    zero_s = _zero(RM, RN)
+    zero_k = _zero(RM, RDK)
+    zero_v = _zero(RM, RDV)
 
-    @cuda.jit(fastmath=True)
+    @cuda.jit(**_JIT)
     def dkdv(q, k, v, do, lse, delta, mask, dk, dv,
              qs_b, qs_h, qs_l, qs_d, ks_b, ks_h, ks_l, ks_d,
              vs_b, vs_h, vs_l, vs_d, gs_b, gs_h, gs_l, gs_d,
@@ -218,26 +463,21 @@ def dkdv_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK
         b = bh // Hkv
         hk = bh - b * Hkv
         tid = cuda.threadIdx.x
-        col = kb * BN + tid
-        valid = col < Lk
+        ty = tid // TX
+        tx = tid - ty * TX
+        n0 = kb * BN
 
-        Qs = cuda.shared.array((BM, D), float32)
-        dOs = cuda.shared.array((BM, Dv), float32)
-        Ls = cuda.shared.array(BM, float32)
-        Ds = cuda.shared.array(BM, float32)
-        kr = cuda.local.array(D, float32)
-        vr = cuda.local.array(Dv, float32)
-        dkr = cuda.local.array(D, float32)
-        dvr = cuda.local.array(Dv, float32)
+        sm = cuda.shared.array(0, float32)
+        s = cuda.local.array((RM, RN), float32)
+        dp = cuda.local.array((RM, RN), float32)
+        dka = cuda.local.array((RM, RDK), float32)
+        dva = cuda.local.array((RM, RDV), float32)
 
-        kbase = b * ks_b + hk * ks_h + col * ks_l
-        vbase = b * vs_b + hk * vs_h + col * vs_l
-        for d in range(D):
-            kr[d] = ld(k, kbase + d * ks_d) * scale if valid else float32(0.0)
-            dkr[d] = 0.0
-        for d in range(Dv):
-            vr[d] = ld(v, vbase + d * vs_d) if valid else float32(0.0)
-            dvr[d] = 0.0
+        # K carries the softmax scale: S^T = (scale*K) Q^T; dK is rescaled at the end.
+        stage_k(sm, OK, k, b * ks_b + hk * ks_h, n0, ks_l, ks_d, Lk, float32(scale), tid)
+        stage_v(sm, OV, v, b * vs_b + hk * vs_h, n0, vs_l, vs_d, Lk, ONE, tid)
+        zero_k(dka)
+        zero_v(dva)
 
         nf = qf_num[kb]
         nt = nf + qp_num[kb]
@@ -245,68 +485,95 @@ def dkdv_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK
             h = hk * G + g
             qbase = b * qs_b + h * qs_h
             gbase = b * gs_b + h * gs_h
-            mbase = b * ms_b + h * ms_h + col * ms_k
+            mbase = b * ms_b + h * ms_h
             rbase = (b * Hq + h) * Lq
             for it in range(nt):
                 partial = it >= nf
                 m0 = _block_at(it, nf, kb, ncols, qf_idx, qp_idx) * BM
-                cuda.syncthreads()  # previous tile fully read
-                stage_q(Qs, q, qbase, m0, qs_l, qs_d, Lq, tid)
-                stage_do(dOs, do, gbase, m0, gs_l, gs_d, Lq, tid)
-                for m in range(tid, BM, BN):
-                    qm = m0 + m
+                cuda.syncthreads()  # previous Q, dO, P, dS fully read
+                stage_q(sm, OQ, q, qbase, m0, qs_l, qs_d, Lq, ONE, tid)
+                stage_o(sm, OO, do, gbase, m0, gs_l, gs_d, Lq, ONE, tid)
+                for e in range(tid, BM, NT):
+                    qm = m0 + e
+                    lv = POS_INF
+                    dl = ZERO
                     if qm < Lq:
                         lv = lse[rbase + qm]
                         # A fully masked row has lse = -inf and P = 0 everywhere: +inf
                         # makes exp(s - lse) = 0 instead of NaN.
-                        Ls[m] = lv if lv > NEG_INF else float32(POS_INF)
-                        Ds[m] = delta[rbase + qm]
-                    else:
-                        Ls[m] = POS_INF
-                        Ds[m] = 0.0
-                cuda.syncthreads()  # tile complete
-                for m in range(BM):
-                    qm = m0 + m
-                    s = float32(0.0)
-                    for d in range(D):
-                        s += kr[d] * Qs[m, d]
-                    ok = valid
-                    if partial:
-                        if CAUSAL:
-                            ok = ok and col <= qm
-                        if MASK:
-                            if ok and qm < Lq:
-                                s += mask[mbase + qm * ms_q]
-                    if ok:
-                        p = math.exp(s - Ls[m])
-                        dp = float32(0.0)
-                        for d in range(Dv):
-                            dvr[d] += p * dOs[m, d]
-                            dp += dOs[m, d] * vr[d]
-                        ds = p * (dp - Ds[m])
-                        for d in range(D):
-                            dkr[d] += ds * Qs[m, d]
-        if valid:
-            base = b * dks_b + hk * dks_h + col * dks_l
-            for d in range(D):
-                st(dk, base + d * dks_d, dkr[d] * scale)
-            base = b * dvs_b + hk * dvs_h + col * dvs_l
-            for d in range(Dv):
-                st(dv, base + d * dvs_d, dvr[d])
+                        if not lv > NEG_INF:
+                            lv = POS_INF
+                        dl = delta[rbase + qm]
+                    sm[U(OL + e)] = lv
+                    sm[U(OD + e)] = dl
+                cuda.syncthreads()  # tiles complete
+
+                zero_s(s)
+                kq(s, sm, OK, ty, OQ, tx)
+                zero_s(dp)
+                vo(dp, sm, OV, ty, OO, tx)
+                for i in range(RM):
+                    r = ty + TY * i
+                    kn = n0 + r
+                    for j in range(RN):
+                        c = tx + TX * j
+                        qm = m0 + c
+                        x = s[i, j]
+                        ok = kn < Lk
+                        if partial:
+                            if CAUSAL:
+                                ok = ok and kn <= qm
+                            if MASK:
+                                if ok and qm < Lq:
+                                    x += mask[mbase + qm * ms_q + kn * ms_k]
+                        p = ZERO
+                        if ok:
+                            p = fast_exp(x - sm[U(OL + c)])
+                        sm[U(OP + r * LDP + c)] = p
+                        sm[U(OS + r * LDP + c)] = p * (dp[i, j] - sm[U(OD + c)])
+                cuda.syncthreads()  # P and dS complete
+                pdo(dva, sm, OP, ty, OO, tx)
+                dsq(dka, sm, OS, ty, OQ, tx)
+
+        for i in range(RM):
+            kn = n0 + ty + TY * i
+            if kn < Lk:
+                base = b * dks_b + hk * dks_h + kn * dks_l
+                for j in range(RDK):
+                    d = tx + TX * j
+                    if d < D:
+                        st(dk, base + d * dks_d, dka[i, j] * float32(scale))
+                base = b * dvs_b + hk * dvs_h + kn * dvs_l
+                for j in range(RDV):
+                    d = tx + TX * j
+                    if d < Dv:
+                        st(dv, base + d * dvs_d, dva[i, j])
 
     return dkdv
 
 
 @lru_cache(maxsize=None)
-def dq_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK: bool):
-    """One thread per query (BM per CTA); walks the kv-block lists like the forward.
-    dQ = scale * sum_j dS_ij k_j, dS = P * (dO . v_j - delta)."""
-    ld = _loader(kind)
+def dq_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
+    """One CTA per (q block of t.rows queries, batch * head); walks the kv-block lists
+    like the forward. dQ = scale * sum_j dS_ij k_j, dS = P * (dO.v_j - delta)."""
     st = _storer(kind)
-    stage_k = _stager(kind, BN, D, BM)
-    stage_v = _stager(kind, BN, Dv, BM)
+    TX, TY, RM, RN = t.TX, t.TY, t.RM, t.RN
+    BM, BN, NT = t.rows, t.cols, t.threads
+    RDK = t.width(D)
+    LDQ, LDV, LDS = t.ld(D), t.ld(Dv), BN + 1
+    lay = _layout("dq", t, D, Dv)
+    OQ, OO, OK, OV, OS = (lay[n] for n in ("q", "do", "k", "v", "ds"))
+    stage_q = _stager(kind, BM, D, LDQ, NT)
+    stage_o = _stager(kind, BM, Dv, LDV, NT)
+    stage_k = _stager(kind, BN, D, LDQ, NT)
+    stage_v = _stager(kind, BN, Dv, LDV, NT)
+    qk = _mm_nt(RM, RN, TY, TX, D, LDQ, LDQ)
+    ov = _mm_nt(RM, RN, TY, TX, Dv, LDV, LDV)
+    dsk = _mm_nn(RM, RDK, TY, TX, BN, LDS, LDQ)
+    zero_s = _zero(RM, RN)
+    zero_q = _zero(RM, RDK)
 
-    @cuda.jit(fastmath=True)
+    @cuda.jit(**_JIT)
     def dq_k(q, k, v, do, lse, delta, mask, dq,
              qs_b, qs_h, qs_l, qs_d, ks_b, ks_h, ks_l, ks_d,
              vs_b, vs_h, vs_l, vs_d, gs_b, gs_h, gs_l, gs_d,
@@ -320,31 +587,34 @@ def dq_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK: 
         h = bh - b * Hq
         hk = h // G
         tid = cuda.threadIdx.x
-        row = qb * BM + tid
-        valid = row < Lq
+        ty = tid // TX
+        tx = tid - ty * TX
+        m0 = qb * BM
 
-        Ks = cuda.shared.array((BN, D), float32)
-        Vs = cuda.shared.array((BN, Dv), float32)
-        qr = cuda.local.array(D, float32)
-        dor = cuda.local.array(Dv, float32)
-        dqr = cuda.local.array(D, float32)
+        sm = cuda.shared.array(0, float32)
+        s = cuda.local.array((RM, RN), float32)
+        dp = cuda.local.array((RM, RN), float32)
+        dqa = cuda.local.array((RM, RDK), float32)
+        lrow = cuda.local.array(RM, float32)
+        drow = cuda.local.array(RM, float32)
 
-        qbase = b * qs_b + h * qs_h + row * qs_l
-        gbase = b * gs_b + h * gs_h + row * gs_l
-        for d in range(D):
-            qr[d] = ld(q, qbase + d * qs_d) * scale if valid else float32(0.0)
-            dqr[d] = 0.0
-        for d in range(Dv):
-            dor[d] = ld(do, gbase + d * gs_d) if valid else float32(0.0)
-        lrow = float32(POS_INF)
-        drow = float32(0.0)
-        if valid:
-            lv = lse[bh * Lq + row]
-            lrow = lv if lv > NEG_INF else float32(POS_INF)
-            drow = delta[bh * Lq + row]
+        stage_q(sm, OQ, q, b * qs_b + h * qs_h, m0, qs_l, qs_d, Lq, float32(scale), tid)
+        stage_o(sm, OO, do, b * gs_b + h * gs_h, m0, gs_l, gs_d, Lq, ONE, tid)
+        zero_q(dqa)
+        for i in range(RM):
+            row = m0 + ty + TY * i
+            lv = POS_INF
+            dl = ZERO
+            if row < Lq:
+                lv = lse[bh * Lq + row]
+                if not lv > NEG_INF:
+                    lv = POS_INF
+                dl = delta[bh * Lq + row]
+            lrow[i] = lv
+            drow[i] = dl
         kbase = b * ks_b + hk * ks_h
         vbase = b * vs_b + hk * vs_h
-        mbase = b * ms_b + h * ms_h + row * ms_q
+        mbase = b * ms_b + h * ms_h
 
         nf = kvf_num[qb]
         nt = nf + kvp_num[qb]
@@ -352,32 +622,41 @@ def dq_kernel(kind: str, D: int, Dv: int, BM: int, BN: int, CAUSAL: bool, MASK: 
             partial = it >= nf
             n0 = _block_at(it, nf, qb, ncols, kvf_idx, kvp_idx) * BN
             cuda.syncthreads()
-            stage_k(Ks, k, kbase, n0, ks_l, ks_d, Lk, tid)
-            stage_v(Vs, v, vbase, n0, vs_l, vs_d, Lk, tid)
+            stage_k(sm, OK, k, kbase, n0, ks_l, ks_d, Lk, ONE, tid)
+            stage_v(sm, OV, v, vbase, n0, vs_l, vs_d, Lk, ONE, tid)
             cuda.syncthreads()
-            for n in range(BN):
-                kn = n0 + n
-                s = float32(0.0)
-                for d in range(D):
-                    s += qr[d] * Ks[n, d]
-                ok = valid and kn < Lk
-                if partial:
-                    if CAUSAL:
-                        ok = ok and kn <= row
-                    if MASK:
-                        if ok:
-                            s += mask[mbase + kn * ms_k]
-                if ok:
-                    p = math.exp(s - lrow)
-                    dp = float32(0.0)
-                    for d in range(Dv):
-                        dp += dor[d] * Vs[n, d]
-                    ds = p * (dp - drow)
-                    for d in range(D):
-                        dqr[d] += ds * Ks[n, d]
-        if valid:
-            base = b * dqs_b + h * dqs_h + row * dqs_l
-            for d in range(D):
-                st(dq, base + d * dqs_d, dqr[d] * scale)
+            zero_s(s)
+            qk(s, sm, OQ, ty, OK, tx)
+            zero_s(dp)
+            ov(dp, sm, OO, ty, OV, tx)
+            for i in range(RM):
+                r = ty + TY * i
+                row = m0 + r
+                for j in range(RN):
+                    c = tx + TX * j
+                    kn = n0 + c
+                    x = s[i, j]
+                    ok = kn < Lk
+                    if partial:
+                        if CAUSAL:
+                            ok = ok and kn <= row
+                        if MASK:
+                            if ok and row < Lq:
+                                x += mask[mbase + row * ms_q + kn * ms_k]
+                    ds = ZERO
+                    if ok:
+                        ds = fast_exp(x - lrow[i]) * (dp[i, j] - drow[i])
+                    sm[U(OS + r * LDS + c)] = ds
+            cuda.syncthreads()  # dS complete
+            dsk(dqa, sm, OS, ty, OK, tx)
+
+        for i in range(RM):
+            row = m0 + ty + TY * i
+            if row < Lq:
+                base = b * dqs_b + h * dqs_h + row * dqs_l
+                for j in range(RDK):
+                    d = tx + TX * j
+                    if d < D:
+                        st(dq, base + d * dqs_d, dqa[i, j] * float32(scale))
 
     return dq_k
