@@ -39,12 +39,14 @@ from _common import time_cuda  # noqa: E402
 
 CANDIDATES = {
     64: {
-        "fwd": [T(8, 8, 8, 8), T(16, 8, 8, 4), T(8, 16, 8, 8), T(16, 16, 4, 4)],
+        "fwd": [T(16, 16, 4, 4), T(16, 16, 4, 4, 4), T(8, 16, 8, 8, 4), T(16, 8, 8, 4, 4),
+                T(8, 8, 8, 8, 4), T(16, 16, 8, 4, 4)],
         "dkdv": [T(16, 8, 8, 4), T(8, 8, 8, 4), T(16, 8, 4, 4), T(8, 16, 4, 8)],
         "dq": [T(8, 8, 8, 8), T(16, 8, 8, 4), T(16, 8, 4, 4)],
     },
     128: {
-        "fwd": [T(16, 8, 8, 4), T(16, 8, 8, 2), T(32, 4, 8, 2), T(16, 16, 4, 4)],
+        "fwd": [T(16, 16, 4, 4), T(16, 16, 4, 4, 4), T(16, 8, 8, 4, 4), T(16, 16, 8, 4, 4),
+                T(32, 8, 4, 4, 4)],
         "dkdv": [T(16, 8, 4, 4), T(16, 8, 8, 4), T(16, 8, 4, 2), T(32, 4, 8, 2)],
         "dq": [T(16, 8, 8, 4), T(16, 8, 4, 4), T(32, 4, 8, 2)],
     },
@@ -76,10 +78,10 @@ def resources(kernel, t, kname, D):
             if not tok:
                 continue
             op = tok[0] if not tok[0].startswith("@") else (tok[1] if len(tok) > 1 else "")
-            op = op.split(".")[0]
+            op = op if op.startswith("LDS") else op.split(".")[0]
             ops[op] = ops.get(op, 0) + 1
-        res["sass"] = {k: ops.get(k, 0) for k in ("FFMA", "LDS", "LDL", "STL", "LDG", "IMAD",
-                                                  "MUFU", "BAR", "BRA", "I2F", "F2F")}
+        res["sass"] = {k: ops.get(k, 0) for k in ("FFMA", "LDS", "LDS.128", "LDL", "STL",
+                                                  "LDG", "IMAD", "MUFU", "BAR", "F2F")}
         res["sass_total"] = sum(ops.values())
     except Exception as e:
         res["sass_error"] = repr(e)[:120]
@@ -92,6 +94,7 @@ def main():
     ap.add_argument("--L", type=int, default=4096)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernels", nargs="*", default=["fwd", "dkdv", "dq"])
     a = ap.parse_args()
     dt = getattr(torch, a.dtype)
     rows = []
@@ -110,9 +113,7 @@ def main():
         g_ref = torch.autograd.grad(og, (qg, kg, vg), go)
         flops = 4 * B * H * L * L * D
         base = gpu.tilings(D, D)
-        jobs = [("fwd", t) for t in CANDIDATES[D]["fwd"]]
-        jobs += [("dkdv", t) for t in CANDIDATES[D]["dkdv"]]
-        jobs += [("dq", t) for t in CANDIDATES[D]["dq"]]
+        jobs = [(kn, t) for kn in a.kernels for t in CANDIDATES[D][kn]]
         out, lse = gpu.forward(q, k, v)
         for kname, t in jobs:
             ts = dict(base)

@@ -30,7 +30,7 @@ from numba import cuda  # noqa: E402  (the only numba.cuda import of attn)
 from numba import float32, int32, uint64  # noqa: E402,F401
 
 __all__ = ["SIM", "cuda", "float32", "int32", "uint64", "available", "as_kernel_array",
-           "launch", "int_as_float", "float_as_int", "fast_exp"]
+           "launch", "int_as_float", "float_as_int", "fast_exp", "ld4"]
 
 
 if SIM:
@@ -44,6 +44,10 @@ if SIM:
         return np.array([x], dtype=np.float32).view(np.int32)[0]
 
     fast_exp = math.exp
+
+    def ld4(a, i):
+        i = int(i)
+        return a[i], a[i + 1], a[i + 2], a[i + 3]
 else:
     from numba.cuda import libdevice as _libdevice
 
@@ -53,6 +57,40 @@ else:
     # kernels only take exp of (score - running max) <= 0, where its few-ulp relative
     # error is far below the float32 rounding of the products around it. Maps -inf to 0.
     fast_exp = _libdevice.fast_expf
+
+    def _make_ld4():
+        """ld4(a, i) -> four float32 values a[i..i+3] in one 128-bit load. Numba emits one
+        32-bit load per element; a tile product that reads four consecutive values per
+        step issues a quarter of the load instructions with this (the caller keeps i
+        a multiple of 4 and the array 16-byte aligned)."""
+        from llvmlite import ir
+        from numba.core import types
+        from numba.cuda.extending import intrinsic
+
+        @intrinsic
+        def ld4(typingctx, arr, idx):
+            if not (isinstance(arr, types.Array) and arr.dtype == types.float32
+                    and isinstance(idx, types.Integer)):
+                return None
+            rt = types.UniTuple(types.float32, 4)
+
+            def codegen(context, builder, sig, args):
+                aryty, idxty = sig.args
+                ary = context.make_array(aryty)(context, builder, args[0])
+                i = context.cast(builder, args[1], idxty, types.intp)
+                ptr = builder.gep(ary.data, [i])
+                vty = ir.VectorType(ir.FloatType(), 4)
+                vptr = builder.bitcast(ptr, ir.PointerType(vty, ptr.type.addrspace))
+                vec = builder.load(vptr, align=16)
+                vals = [builder.extract_element(vec, ir.Constant(ir.IntType(32), e))
+                        for e in range(4)]
+                return context.make_tuple(builder, rt, vals)
+
+            return rt(arr, idx), codegen
+
+        return ld4
+
+    ld4 = _make_ld4()
 
 
 _avail: tuple[bool, str] | None = None

@@ -50,7 +50,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from ._cuda import SIM, cuda, fast_exp, float32, float_as_int, int32, int_as_float, uint64
+from ._cuda import (SIM, cuda, fast_exp, float32, float_as_int, int32, int_as_float, ld4,
+                    uint64)
 
 # float32 constants: a Python float is float64 in Numba, and comparing or mixing it with
 # float32 values puts double-precision conversions into the inner loops.
@@ -71,6 +72,7 @@ class Tiling:
     TY: int
     RM: int
     RN: int
+    V: int = 1  # 4: each thread's rows/columns come in runs of 4 read by 128-bit loads
 
     @property
     def rows(self) -> int:
@@ -86,7 +88,7 @@ class Tiling:
 
     def width(self, W: int) -> int:
         """Columns of a W-wide output per thread (the head dim split over TX)."""
-        return -(-W // self.TX)
+        return -(-W // (self.TX * self.V)) * self.V
 
     def ld(self, W: int) -> int:
         """Leading dimension of a shared tile of width W: rounded up to TX (so the
@@ -124,14 +126,14 @@ def _storer(kind: str):
 
 
 @lru_cache(maxsize=None)
-def _stager(kind: str, ROWS: int, W: int, LD: int, NT: int):
+def _stager(kind: str, ROWS: int, W: int, LD: int, NT: int, WP: int = 0):
     """Device function copying rows r0..r0+ROWS of one (batch, head) slice, W columns,
     times ``mul``, into the shared tile at ``off`` (row-major, leading dimension LD);
     rows at or past L and the padding columns W..LD-2 are zero-filled. NT threads
     stride over the elements, consecutive threads on consecutive columns (coalesced
     global reads, conflict-free shared writes)."""
     ld = _loader(kind)
-    WP = LD - 1
+    WP = WP or LD - 1
 
     # Thread tid starts at element tid of the row-major (ROWS, WP) tile and strides by
     # NT: its (row, column) advance by constant steps, so no division in the loop.
@@ -253,6 +255,8 @@ def shared_floats(kernel: str, t: Tiling, D: int, Dv: int) -> int:
 
 def _layout(kernel: str, t: Tiling, D: int, Dv: int) -> dict:
     """Offsets (in float32 words) of the shared tiles of each kernel."""
+    if kernel == "fwd" and t.V == 4:
+        return _layout_fwd4(t, D, Dv)
     LDQ, LDV = t.ld(D), t.ld(Dv)
     R, C = t.rows, t.cols
     lay = {}
@@ -288,6 +292,8 @@ def _layout(kernel: str, t: Tiling, D: int, Dv: int) -> dict:
 # ------------------------------------------------------------------------ forward --
 @lru_cache(maxsize=None)
 def forward_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
+    if t.V == 4:
+        return _forward_kernel_v4(kind, D, Dv, t, CAUSAL, MASK)
     st = _storer(kind)
     TX, TY, RM, RN = t.TX, t.TY, t.RM, t.RN
     BM, BN, NT = t.rows, t.cols, t.threads
@@ -413,6 +419,236 @@ def forward_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bo
                     inv = ONE / lsum
                 for j in range(RD):
                     d = tx + TX * j
+                    if d < Dv:
+                        st(o, obase + d * os_d, acc[i, j] * inv)
+                if tx == 0:
+                    lv = NEG_INF
+                    if lsum > ZERO:
+                        lv = m_i[i] + math.log(lsum)
+                    lse[bh * Lq + row] = lv
+
+    return fwd
+
+
+# ------------------------------------------------------- forward, 128-bit loads --
+@lru_cache(maxsize=None)
+def _stager_t(kind: str, ROWS: int, W: int, LD: int, NT: int):
+    """Like _stager, but stores the tile transposed (column d of the source at shared row
+    d, leading dimension LD), so a thread's run of 4 rows is 4 consecutive words. Lanes
+    take 8 consecutive columns of 4 rows (coalesced 32-byte global reads; with LD a
+    multiple of 4 but not of 32 the 32 shared writes land in 32 banks)."""
+    ld = _loader(kind)
+    W8 = -(-W // 8) * 8
+    NE = ROWS * W8
+
+    @cuda.jit(device=True, inline=True)
+    def stage(sm, off, a, base, r0, s_l, s_d, L, mul, tid):
+        for e in range(tid, NE, NT):
+            dl = e % 8
+            rest = e // 8
+            r = rest % ROWS
+            d = (rest // ROWS) * 8 + dl
+            if d < W:
+                rr = r0 + r
+                x = ZERO
+                if rr < L:
+                    x = ld(a, base + rr * s_l + d * s_d) * mul
+                sm[U(off + d * LD + r)] = x
+
+    return stage
+
+
+@lru_cache(maxsize=None)
+def _runs4(G: int, S: int):
+    """buf[4g..4g+3] = sm[p + g*S .. +3] for g < G: G 128-bit loads."""
+
+    @cuda.jit(device=True, inline=True)
+    def load(buf, sm, p):
+        for g in range(G):
+            x0, x1, x2, x3 = ld4(sm, U(p + g * S))
+            buf[4 * g] = x0
+            buf[4 * g + 1] = x1
+            buf[4 * g + 2] = x2
+            buf[4 * g + 3] = x3
+
+    return load
+
+
+@lru_cache(maxsize=None)
+def _mm4(GA: int, GB: int, K: int, LA: int, LB: int, SA: int, SB: int):
+    """acc[i, j] += sum_k A(i, k) B(j, k) with both operands k-major in shared memory:
+    the thread's rows are runs of 4 at pa + k*LA + g*SA (g < GA) and its columns runs of
+    4 at pb + k*LB + g*SB (g < GB), each run one 128-bit load. Pipelined like _mm."""
+    RA, RB = 4 * GA, 4 * GB
+    load_a = _runs4(GA, SA)
+    load_b = _runs4(GB, SB)
+
+    @cuda.jit(device=True, inline=True)
+    def mm(acc, sm, pa, pb):
+        a0 = cuda.local.array(RA, float32)
+        b0 = cuda.local.array(RB, float32)
+        a1 = cuda.local.array(RA, float32)
+        b1 = cuda.local.array(RB, float32)
+        load_a(a0, sm, pa)
+        load_b(b0, sm, pb)
+        for k2 in range(K // 2):
+            k = 2 * k2 + 1
+            load_a(a1, sm, pa + k * LA)
+            load_b(b1, sm, pb + k * LB)
+            for i in range(RA):
+                for j in range(RB):
+                    acc[i, j] += a0[i] * b0[j]
+            if k + 1 < K:
+                load_a(a0, sm, pa + (k + 1) * LA)
+                load_b(b0, sm, pb + (k + 1) * LB)
+            for i in range(RA):
+                for j in range(RB):
+                    acc[i, j] += a1[i] * b1[j]
+        if K % 2 == 1:
+            for i in range(RA):
+                for j in range(RB):
+                    acc[i, j] += a0[i] * b0[j]
+
+    return mm
+
+
+def _layout_fwd4(t: Tiling, D: int, Dv: int) -> dict:
+    BM, BN = t.rows, t.cols
+    LQ, LK, LV = BM + 4, BN + 4, t.TX * t.width(Dv) + 4
+    lay = {"LQ": LQ, "LK": LK, "LV": LV, "q": 0}
+    lay["k"] = lay["p"] = D * LQ
+    lay["v"] = lay["k"] + max(D * LK, BN * LQ)
+    lay["red"] = lay["v"] + BN * LV
+    lay["total"] = lay["red"] + BM * t.TX
+    return lay
+
+
+@lru_cache(maxsize=None)
+def _forward_kernel_v4(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
+    """The forward with 128-bit shared loads: Q, K and P are kept transposed (k-major)
+    so every operand run is 4 consecutive words; a thread's rows are
+    r(i) = (i//4)*4*TY + 4*ty + i%4 and its columns c(j) = (j//4)*4*TX + 4*tx + j%4."""
+    st = _storer(kind)
+    TX, TY, RM, RN = t.TX, t.TY, t.RM, t.RN
+    BM, BN, NT = t.rows, t.cols, t.threads
+    RD = t.width(Dv)
+    lay = _layout_fwd4(t, D, Dv)
+    LQ, LK, LV = lay["LQ"], lay["LK"], lay["LV"]
+    OQ, OK, OP, OV, OR = lay["q"], lay["k"], lay["p"], lay["v"], lay["red"]
+    SY, SX = 4 * TY, 4 * TX
+    stage_q = _stager_t(kind, BM, D, LQ, NT)
+    stage_k = _stager_t(kind, BN, D, LK, NT)
+    stage_v = _stager(kind, BN, Dv, LV, NT, TX * RD)
+    qk = _mm4(RM // 4, RN // 4, D, LQ, LK, SY, SX)
+    pv = _mm4(RM // 4, RD // 4, BN, LQ, LV, SY, SX)
+    zero_s = _zero(RM, RN)
+    zero_o = _zero(RM, RD)
+
+    @cuda.jit(**_JIT)
+    def fwd(q, k, v, o, lse, mask,
+            qs_b, qs_h, qs_l, qs_d, ks_b, ks_h, ks_l, ks_d,
+            vs_b, vs_h, vs_l, vs_d, os_b, os_h, os_l, os_d,
+            ms_b, ms_h, ms_q, ms_k,
+            Hq, G, Lq, Lk, scale,
+            kvf_num, kvf_idx, kvp_num, kvp_idx, ncols):
+        qb = cuda.blockIdx.x
+        bh = cuda.blockIdx.y
+        b = bh // Hq
+        h = bh - b * Hq
+        hk = h // G
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid - ty * TX
+        m0 = qb * BM
+
+        sm = cuda.shared.array(0, float32)
+        s = cuda.local.array((RM, RN), float32)
+        acc = cuda.local.array((RM, RD), float32)
+        m_i = cuda.local.array(RM, float32)
+        l_i = cuda.local.array(RM, float32)
+
+        stage_q(sm, OQ, q, b * qs_b + h * qs_h, m0, qs_l, qs_d, Lq, float32(scale), tid)
+        zero_o(acc)
+        for i in range(RM):
+            m_i[i] = NEG_INF
+            l_i[i] = ZERO
+        kbase = b * ks_b + hk * ks_h
+        vbase = b * vs_b + hk * vs_h
+        mbase = b * ms_b + h * ms_h
+
+        nf = kvf_num[qb]
+        nt = nf + kvp_num[qb]
+        for it in range(nt):
+            partial = it >= nf
+            n0 = _block_at(it, nf, qb, ncols, kvf_idx, kvp_idx) * BN
+            cuda.syncthreads()
+            stage_k(sm, OK, k, kbase, n0, ks_l, ks_d, Lk, ONE, tid)
+            stage_v(sm, OV, v, vbase, n0, vs_l, vs_d, Lk, ONE, tid)
+            cuda.syncthreads()
+
+            zero_s(s)
+            qk(s, sm, OQ + 4 * ty, OK + 4 * tx)
+            for i in range(RM):
+                r = (i // 4) * SY + 4 * ty + i % 4
+                row = m0 + r
+                mx = NEG_INF
+                for j in range(RN):
+                    col = n0 + (j // 4) * SX + 4 * tx + j % 4
+                    x = s[i, j]
+                    ok = col < Lk
+                    if partial:
+                        if CAUSAL:
+                            ok = ok and col <= row
+                        if MASK:
+                            if ok and row < Lq:
+                                x += mask[mbase + row * ms_q + col * ms_k]
+                    if not ok:
+                        x = NEG_INF
+                    s[i, j] = x
+                    mx = max(mx, x)
+                sm[U(OR + r * TX + tx)] = mx
+            cuda.syncthreads()
+            for i in range(RM):
+                r = (i // 4) * SY + 4 * ty + i % 4
+                mx = m_i[i]
+                for u in range(TX):
+                    mx = max(mx, sm[U(OR + r * TX + u)])
+                alpha = ONE
+                if mx > NEG_INF:
+                    alpha = fast_exp(m_i[i] - mx)
+                m_i[i] = mx
+                ls = ZERO
+                for j in range(RN):
+                    c = (j // 4) * SX + 4 * tx + j % 4
+                    p = ZERO
+                    if mx > NEG_INF:
+                        p = fast_exp(s[i, j] - mx)
+                    ls += p
+                    sm[U(OP + c * LQ + r)] = p
+                l_i[i] = l_i[i] * alpha + ls
+                for j in range(RD):
+                    acc[i, j] *= alpha
+            cuda.syncthreads()
+            pv(acc, sm, OP + 4 * ty, OV + 4 * tx)
+
+        cuda.syncthreads()
+        for i in range(RM):
+            r = (i // 4) * SY + 4 * ty + i % 4
+            sm[U(OR + r * TX + tx)] = l_i[i]
+        cuda.syncthreads()
+        for i in range(RM):
+            r = (i // 4) * SY + 4 * ty + i % 4
+            row = m0 + r
+            if row < Lq:
+                lsum = ZERO
+                for u in range(TX):
+                    lsum += sm[U(OR + r * TX + u)]
+                obase = b * os_b + h * os_h + row * os_l
+                inv = ZERO
+                if lsum > ZERO:
+                    inv = ONE / lsum
+                for j in range(RD):
+                    d = (j // 4) * SX + 4 * tx + j % 4
                     if d < Dv:
                         st(o, obase + d * os_d, acc[i, j] * inv)
                 if tx == 0:
