@@ -21,7 +21,7 @@ class GpuBackend(Backend):
     devices = ("cuda",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     # Local arrays and shared tiles are sized per head dim at compile time; 256 is the
-    # largest the 48 KiB static shared-memory budget is planned for (block_sizes()).
+    # largest gpu.tilings() plans shared memory and registers for.
     max_head_dim = 256
 
     _import_error: str | None = None

@@ -43,22 +43,24 @@ Tiling = _kernels.Tiling
 # the CTA's shared tiles under the 227 KiB an H100 CTA may take. bench/NOTES.md has
 # the measurements behind them.
 _TILINGS = (
-    (64, {"fwd": Tiling(8, 8, 8, 8), "dkdv": Tiling(16, 8, 8, 4),
-          "dq": Tiling(8, 8, 8, 8)}),
-    (128, {"fwd": Tiling(16, 8, 8, 4), "dkdv": Tiling(16, 8, 4, 4),
-           "dq": Tiling(16, 8, 8, 4)}),
-    (256, {"fwd": Tiling(16, 8, 4, 4), "dkdv": Tiling(16, 8, 4, 2),
+    (64, {"fwd": Tiling(16, 16, 4, 4, 4), "dkdv": Tiling(16, 8, 8, 4),
+          "dq": Tiling(16, 8, 8, 4)}),
+    (128, {"fwd": Tiling(16, 16, 4, 4, 4), "dkdv": Tiling(16, 8, 4, 2),
+           "dq": Tiling(16, 8, 4, 4)}),
+    (256, {"fwd": Tiling(16, 16, 4, 4, 4), "dkdv": Tiling(16, 8, 4, 2),
            "dq": Tiling(16, 8, 4, 4)}),
 )
 # The simulator runs every CUDA thread as a Python thread: 2x2 threads of 2x2 tiles
-# still exercise the strided micro-tiles, ragged edges and multi-block lists.
+# (4x4 with runs of 4 for the forward) still exercise the strided micro-tiles, the
+# 128-bit runs, ragged edges and multi-block lists.
 _SIM_TILING = Tiling(2, 2, 2, 2)
+_SIM_FWD_TILING = Tiling(2, 2, 4, 4, 4)
 
 
 def tilings(D: int, Dv: int) -> dict:
     """The Tiling of each kernel ("fwd", "dkdv", "dq") for head dims D, Dv."""
     if SIM:
-        return {"fwd": _SIM_TILING, "dkdv": _SIM_TILING, "dq": _SIM_TILING}
+        return {"fwd": _SIM_FWD_TILING, "dkdv": _SIM_TILING, "dq": _SIM_TILING}
     w = max(D, Dv)
     for limit, t in _TILINGS:
         if w <= limit:
