@@ -91,6 +91,10 @@ else:
         return ld4
 
     ld4 = _make_ld4()
+    # Numba keys a kernel's on-disk cache on a pickle of its closure, and an intrinsic
+    # pickles with a uuid drawn per process: without a fixed one, every process missed
+    # the cache of the forward kernel (whose tile products call ld4) and recompiled it.
+    ld4._set_uuid("attn.gpu._cuda.ld4")
 
 
 _avail: tuple[bool, str] | None = None
