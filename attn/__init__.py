@@ -8,7 +8,16 @@ one autograd layer and a backend registry.
     >>> out = attn.scaled_dot_product_attention(q, k, v, is_causal=True)
     >>> out, lse = attn.scaled_dot_product_attention(q, k, v, return_lse=True)
 """
-from . import reference
+from . import mods, reference
+from ._block_mask import (
+    BlockMask,
+    and_masks,
+    create_block_mask,
+    create_mask,
+    noop_mask,
+    or_masks,
+)
+from ._flex import AuxOutput, AuxRequest, flex_attention
 from .backends import (
     Backend,
     BackendNotSupportedError,
@@ -21,10 +30,20 @@ from .backends import (
 from .functional import scaled_dot_product_attention
 
 __all__ = [
+    "AuxOutput",
+    "AuxRequest",
     "Backend",
+    "BlockMask",
     "BackendNotSupportedError",
+    "and_masks",
+    "create_block_mask",
+    "create_mask",
+    "flex_attention",
     "get_backend",
     "list_backends",
+    "mods",
+    "noop_mask",
+    "or_masks",
     "reference",
     "register_backend",
     "scaled_dot_product_attention",

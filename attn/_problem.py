@@ -45,6 +45,12 @@ class AttentionProblem:
     Lk: int
     D: int
     Dv: int
+    # FlexAttention calls (attn.flex_attention): the user's score_mod, the BlockMask
+    # (attn's) and its mask_mod; whether the row maxima are wanted. None / False for SDPA.
+    score_mod: object = None
+    block_mask: object = None
+    max_scores: bool = False
+    flex: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +89,10 @@ class AttentionProblem:
             parts.append("causal")
         if self.mask_kind:
             parts.append(f"{self.mask_kind} attn_mask")
+        if self.block_mask is not None:
+            parts.append(f"block_mask {tuple(self.block_mask.BLOCK_SIZE)}")
+        if self.score_mod is not None:
+            parts.append(f"score_mod {getattr(self.score_mod, '__name__', '?')}")
         return ", ".join(parts)
 
 

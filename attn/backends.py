@@ -49,6 +49,8 @@ class Backend:
     max_head_dim: int | None = None
     supports_attn_mask: bool = True
     supports_mask_grad: bool = False
+    # FlexAttention calls: block masks, mask_mod and score_mod (attn.flex_attention).
+    supports_flex: bool = False
     # True when forward() is built from differentiable PyTorch ops: the public API
     # then calls it directly and lets autograd differentiate it, instead of going
     # through the attn::sdpa custom ops and backward().
@@ -74,6 +76,8 @@ class Backend:
                 "attn_mask requires grad: gradients with respect to attn_mask are not "
                 "supported; detach it"
             )
+        if problem.flex and not self.supports_flex:
+            reasons.append("flex_attention (block_mask, mask_mod, score_mod) not supported yet")
         return reasons
 
     def forward(self, problem: AttentionProblem):
@@ -95,17 +99,29 @@ class CpuBackend(Backend):
     # The kernels take any head dim; scratch grows with it (O(threads * block * D)).
     max_head_dim = 1024
 
+    supports_flex = True
+
     def not_supported_reasons(self, problem):
         reasons = super().not_supported_reasons(problem)
         try:
             from . import cpu  # noqa: F401  (the compiled extension)
         except ImportError as e:
             reasons.append(f"compiled kernels unavailable: {e}")
+        if problem.flex and not reasons:
+            from ._flex import kernel_spec_reasons
+
+            reasons += kernel_spec_reasons(problem)
         return reasons
 
     def forward(self, problem):
         from . import cpu
 
+        if problem.flex:
+            from ._flex import kernel_spec
+
+            spec = kernel_spec(problem, cpu.flex_tiles)
+            return cpu.forward(problem.query, problem.key, problem.value, None, False,
+                               problem.scale, spec.tiles, spec)
         return cpu.forward(
             problem.query, problem.key, problem.value, problem.attn_mask,
             problem.is_causal, problem.scale,
@@ -114,6 +130,13 @@ class CpuBackend(Backend):
     def backward(self, problem, out, lse, grad_out, grad_lse):
         from . import cpu
 
+        if problem.flex:
+            from ._flex import kernel_spec
+
+            spec = kernel_spec(problem, cpu.flex_tiles)
+            return cpu.backward(problem.query, problem.key, problem.value, out, lse,
+                                grad_out, grad_lse, None, False, problem.scale,
+                                spec.tiles, spec)
         return cpu.backward(
             problem.query, problem.key, problem.value, out, lse, grad_out, grad_lse,
             problem.attn_mask, problem.is_causal, problem.scale,
@@ -129,8 +152,15 @@ class ReferenceBackend(Backend):
     auto = False
     autograd_native = True
     supports_mask_grad = True
+    supports_flex = True
 
     def forward(self, problem):
+        if problem.flex:
+            from .reference import flex_attention
+
+            return flex_attention(problem.query, problem.key, problem.value,
+                                  problem.score_mod, problem.block_mask, problem.scale,
+                                  problem.gqa)
         from .reference import attention
 
         return attention(

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["attention"]
+__all__ = ["attention", "flex_attention"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -156,3 +156,97 @@ def attention(
         empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe)
     ).squeeze(-1)
     return out.to(query.dtype), lse
+
+
+def _index_grids(B: int, H: int, Lq: int, Lk: int, device):
+    # FlexAttention calls mods with int32 index tensors; broadcastable grids give every
+    # (b, h, q, kv) at once for mods written with elementwise ops and indexing.
+    ar = lambda n: torch.arange(n, dtype=torch.int32, device=device)  # noqa: E731
+    return (ar(B).view(B, 1, 1, 1), ar(H).view(1, H, 1, 1), ar(Lq).view(1, 1, Lq, 1),
+            ar(Lk).view(1, 1, 1, Lk))
+
+
+def _eval_mod(fn, lead, B, H, Lq, Lk, device):
+    """fn(*lead, b, h, q_idx, kv_idx) on the full (B, H, Lq, Lk) grid: by broadcasting,
+    or, for a mod that only works on scalars, by vmap over the four index dims."""
+    b, h, q, kv = _index_grids(B, H, Lq, Lk, device)
+    try:
+        out = fn(*lead, b, h, q, kv)
+        if isinstance(out, torch.Tensor) and out.dim() <= 4:
+            return torch.broadcast_to(out, (B, H, Lq, Lk))
+    except Exception:
+        pass
+    from torch.func import vmap
+
+    f = lambda *a: fn(*a)  # noqa: E731
+    n_lead = len(lead)
+    # Innermost vmap over kv, then q, h, b; lead (the score) is mapped with them.
+    for dim, in_dims in ((3, (3,) * n_lead + (None, None, None, 0)),
+                         (2, (2,) * n_lead + (None, None, 0, None)),
+                         (1, (1,) * n_lead + (None, 0, None, None)),
+                         (0, (0,) * n_lead + (0, None, None, None))):
+        f = vmap(f, in_dims=in_dims)
+    b, h, q, kv = (torch.arange(n, dtype=torch.int32, device=device) for n in (B, H, Lq, Lk))
+    return f(*lead, b, h, q, kv)
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod=None,
+    block_mask=None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlexAttention in plain PyTorch; returns ``(out, lse, max_scores)``.
+
+    ``block_mask`` is anything with FlexAttention's BlockMask fields (``kv_num_blocks``,
+    ``kv_indices``, ``full_kv_num_blocks``, ``full_kv_indices``, ``BLOCK_SIZE``,
+    ``mask_mod``): a key is visible when its block is listed as full, or listed as
+    partial and ``mask_mod`` is True there; unlisted blocks are hidden. ``score_mod``
+    is applied to the scaled scores before the mask. A row with no visible key gets
+    out 0, lse and max_scores -inf. Differentiable (also through tensors the mods
+    read), float64 in, float64 out.
+    """
+    B, Hq, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    cdt = _compute_dtype(query.dtype)
+    q, k, v = (t.to(cdt) for t in (query, key, value))
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = (q @ k.transpose(-2, -1)) * scale
+    if score_mod is not None:
+        s = _eval_mod(score_mod, (s,), B, Hq, Lq, Lk, q.device).to(cdt)
+    if block_mask is not None:
+        QB, KB = block_mask.BLOCK_SIZE
+
+        def dense(num, idx):
+            nq, nk = idx.shape[-2], idx.shape[-1]
+            listed = torch.arange(nk, device=idx.device) < num.unsqueeze(-1).long()
+            d = torch.zeros(*idx.shape[:2], nq, nk + 1, dtype=torch.bool, device=idx.device)
+            d.scatter_(-1, torch.where(listed, idx.long(), nk), listed)
+            d = d[..., :nk]
+            d = d.repeat_interleave(QB, -2)[..., :Lq, :].repeat_interleave(KB, -1)
+            return d[..., :Lk].expand(B, Hq, Lq, Lk).to(q.device)
+
+        partial = dense(block_mask.kv_num_blocks, block_mask.kv_indices)
+        visible = torch.zeros_like(partial)
+        if getattr(block_mask, "full_kv_num_blocks", None) is not None:
+            visible = dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+        mask_mod = getattr(block_mask, "mask_mod", None)
+        if mask_mod is not None:
+            m = _eval_mod(mask_mod, (), B, Hq, Lq, Lk, q.device).to(torch.bool)
+            partial = partial & m
+        visible = visible | partial
+        s = s.masked_fill(~visible, float("-inf"))
+    mx = s.max(-1).values if Lk else s.new_full((B, Hq, Lq), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1) if Lk else s.new_full((B, Hq, Lq), float("-inf"))
+    finite = torch.isfinite(lse)
+    p = torch.where(finite.unsqueeze(-1), torch.exp(s - torch.where(
+        finite, lse, torch.zeros_like(lse)).unsqueeze(-1)), torch.zeros_like(s))
+    out = p @ v
+    return out.to(query.dtype), lse, mx

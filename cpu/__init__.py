@@ -159,14 +159,50 @@ def _mask_args(attn_mask, B, Hq, Lq, Lk, cdt):
     return 2, m, _ptr(m)
 
 
-def _common_args(q, k, v, attn_mask, is_causal, scale, blocks):
+def _flex_lists(flex):
+    """The kernel's (kv_full, kv_part, q_full, q_part) lists from a block mask's
+    KernelLists (already at the kernel's tile size)."""
+    kl = flex.lists
+    return ((kl.full_kv_num_blocks, kl.full_kv_indices), (kl.kv_num_blocks, kl.kv_indices),
+            (kl.full_q_num_blocks, kl.full_q_indices), (kl.q_num_blocks, kl.q_indices))
+
+
+def _mod_args(flex, cdt):
+    """(addresses for the kernel, objects to keep alive) of the mods' tile callbacks."""
+    from attn import _modgen
+
+    addrs, keep = [0, 0, 0, 0, 0], []
+    if flex.mask_mod is not None and not flex.mask_mod.is_all_true:
+        ptrs, k = _modgen.buffer_pointer_array(flex.mask_mod)
+        addrs[0] = _modgen.cpu_tile_fns(flex.mask_mod, cdt)["mask"]
+        addrs[1] = ptrs.ctypes.data
+        keep.append(k)
+    if flex.score_mod is not None and not flex.score_mod.is_identity:
+        fns = _modgen.cpu_tile_fns(flex.score_mod, cdt)
+        ptrs, k = _modgen.buffer_pointer_array(flex.score_mod)
+        addrs[2], addrs[3], addrs[4] = fns["score"], fns["score_grad"], ptrs.ctypes.data
+        keep.append(k)
+    return tuple(addrs), keep
+
+
+def flex_tiles(block_size) -> tuple[int, int]:
+    """Kernel tile (BM, BN) for a block mask of BLOCK_SIZE (Q, KV): BM divides the q
+    block (the kv lists of a q tile are its block's), BN is the kv block."""
+    QB, KB = block_size
+    return math.gcd(BLOCK_M, QB), KB
+
+
+def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None):
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BM, BN = blocks
     mask_kind, mask_t, mask_ptr = _mask_args(attn_mask, B, Hq, Lq, Lk, q.dtype)
-    kv_full, kv_part, q_full, q_part = _dense_lists(
-        Lq, Lk, BM, BN, bool(is_causal), mask_kind != 0
-    )
+    if flex is not None and flex.lists is not None:
+        kv_full, kv_part, q_full, q_part = _flex_lists(flex)
+    else:
+        kv_full, kv_part, q_full, q_part = _dense_lists(
+            Lq, Lk, BM, BN, bool(is_causal), mask_kind != 0
+        )
     args = {
         "sizes": (B, Hq, Hkv, Lq, Lk, D, Dv),
         "blocks": (BM, BN),
@@ -183,13 +219,21 @@ def _common_args(q, k, v, attn_mask, is_causal, scale, blocks):
     }
     if mask_ptr is not None:
         args["mask"] = mask_ptr
+    mod_keep = None
+    if flex is not None:
+        args["mods"], mod_keep = _mod_args(flex, q.dtype)
     # Keep every tensor whose pointer is in args alive for the duration of the call.
-    keep = (mask_t, kv_full, kv_part, q_full, q_part)
+    keep = (mask_t, kv_full, kv_part, q_full, q_part, mod_keep)
     return args, keep
 
 
-def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
-    """out (dtype of q) and lse (float32; float64 for float64 inputs), natural log."""
+def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None, flex=None):
+    """out (dtype of q) and lse (float32; float64 for float64 inputs), natural log.
+
+    ``flex`` (attn's FlexAttention path): an object with ``lists`` (the block mask's
+    KernelLists at tile size ``blocks``, or None for dense), ``mask_mod`` and
+    ``score_mod`` (CompiledMods or None) and ``max_scores`` (bool); with
+    ``max_scores`` the row maxima of the modified scores come back as a third output."""
     cdt = accumulation_dtype(q.dtype)
     qc, kc, vc = (_as_compute(t, cdt) for t in (q, k, v))
     B, Hq, Lq, D = q.shape
@@ -197,13 +241,20 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None):
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.empty(B, Hq, Lq, Dv, dtype=cdt)
     lse = torch.empty(B, Hq, Lq, dtype=cdt)
+    mx = None
+    if flex is not None and flex.max_scores:
+        mx = torch.full((B, Hq, Lq), float("-inf"), dtype=cdt)
     if out.numel() or lse.numel():
         args, keep = _common_args(qc, kc, vc, attn_mask, is_causal, scale,
-                                  blocks or (BLOCK_M, BLOCK_N))
+                                  blocks or (BLOCK_M, BLOCK_N), flex)
         args["o"] = _ptr(out)
         args["lse"] = lse.data_ptr()
+        if mx is not None:
+            args["max_scores"] = mx.data_ptr()
         _k.forward(args, cdt == torch.float64, num_threads())
         del keep
+    if mx is not None:
+        return out.to(q.dtype), lse, mx
     return out.to(q.dtype), lse
 
 
@@ -228,7 +279,7 @@ def choose_schedule(B: int, Hkv: int, nthreads: int) -> str:
 
 
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
-             is_causal=False, scale=None, blocks=None):
+             is_causal=False, scale=None, blocks=None, flex=None):
     """dq, dk, dv in the input dtypes. grad_lse (optional) is the gradient reaching lse."""
     cdt = accumulation_dtype(q.dtype)
     qc, kc, vc, oc, doc = (_as_compute(t, cdt) for t in (q, k, v, out, grad_out))
@@ -246,7 +297,7 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     dk = torch.zeros(B, Hkv, Lk, _padded(D), dtype=cdt)
     dv = torch.zeros(B, Hkv, Lk, _padded(Dv), dtype=cdt)
     if Lq and Lk:
-        args, keep = _common_args(qc, kc, vc, attn_mask, is_causal, scale, (BM, BN))
+        args, keep = _common_args(qc, kc, vc, attn_mask, is_causal, scale, (BM, BN), flex)
         args.update(
             do=_ptr(doc), lse=lse_c.data_ptr(), delta=delta.data_ptr(),
             dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),

@@ -52,6 +52,23 @@ ctypedef fused real:
     float
     double
 
+# Tile callbacks compiled by Numba from the user's mask_mod / score_mod (attn._modgen):
+# called once per tile, not per element, so the indirect call is amortised over the
+# tile and the element loop inside is compiled and vectorised for the mod.
+# Arguments: b, h (query head), q0, nq, k0, nk, S, ld, q_major, buffers; an element of S
+# is S[i*ld + j] when q_major else S[j*ld + i] (query q0 + i, key k0 + j).
+ctypedef void (*tile_f32)(long long, long long, long long, long long, long long,
+                          long long, float *, long long, long long, void **) noexcept nogil
+ctypedef void (*tile_f64)(long long, long long, long long, long long, long long,
+                          long long, double *, long long, long long, void **) noexcept nogil
+# score_mod and its derivative: S <- score_mod(S), G <- d score_mod / d S.
+ctypedef void (*grad_tile_f32)(long long, long long, long long, long long, long long,
+                               long long, float *, float *, long long, long long,
+                               void **) noexcept nogil
+ctypedef void (*grad_tile_f64)(long long, long long, long long, long long, long long,
+                               long long, double *, double *, long long, long long,
+                               void **) noexcept nogil
+
 
 # Mask kinds (the attention mask, evaluated on partial blocks only).
 cdef enum:
@@ -89,6 +106,12 @@ cdef struct Problem:
     char *dv                         # (B, Hkv, Lk, Dvp)
     Blocks kv_part, kv_full          # per q block
     Blocks q_part, q_full            # per kv block (transposes)
+    void *mod_mask                   # mask_mod tile callback (partial blocks), or NULL
+    void *mod_score                  # score_mod tile callback (every block), or NULL
+    void *mod_score_grad             # score_mod with its derivative (backward), or NULL
+    void **mask_bufs                 # data pointers of the tensors mask_mod reads
+    void **score_bufs                # data pointers of the tensors score_mod reads
+    char *mx                         # (B, Hq, Lq) row maxima of the scores, or NULL
 
 
 cdef inline int pad(int n) noexcept nogil:
@@ -171,6 +194,11 @@ cdef inline void apply_mask(real *dummy, Problem *p, real *S, long ld, int q_maj
                 # queries q0 + c < k0 + r hidden: c below k0 + r - q0
                 lim = max(0, min(nq, k0 + r - q0))
                 fill_ninf(S + r * ld, lim)
+    if p.mod_mask != NULL:
+        if real is float:
+            (<tile_f32>p.mod_mask)(b, h, q0, nq, k0, nk, S, ld, q_major, p.mask_bufs)
+        else:
+            (<tile_f64>p.mod_mask)(b, h, q0, nq, k0, nk, S, ld, q_major, p.mask_bufs)
     if p.mask_kind == MASK_NONE:
         return
     for i in range(nq):
@@ -187,6 +215,36 @@ cdef inline void apply_mask(real *dummy, Problem *p, real *S, long ld, int q_maj
                     e[0] = -INFINITY
             else:
                 e[0] = e[0] + (<real *>p.mask.ptr)[off + (k0 + j) * p.mask.s[3]]
+
+
+cdef inline void apply_score_mod(real *dummy, Problem *p, real *S, real *G, long ld,
+                                 int q_major, long b, long h, int q0, int nq, int k0,
+                                 int nk) noexcept nogil:
+    """score_mod on the valid part of a tile of scaled scores (before any mask, as in
+    FlexAttention); with G (the backward) also its derivative, same layout."""
+    if G != NULL:
+        if real is float:
+            (<grad_tile_f32>p.mod_score_grad)(b, h, q0, nq, k0, nk, S, G, ld, q_major,
+                                              p.score_bufs)
+        else:
+            (<grad_tile_f64>p.mod_score_grad)(b, h, q0, nq, k0, nk, S, G, ld, q_major,
+                                              p.score_bufs)
+    elif real is float:
+        (<tile_f32>p.mod_score)(b, h, q0, nq, k0, nk, S, ld, q_major, p.score_bufs)
+    else:
+        (<tile_f64>p.mod_score)(b, h, q0, nq, k0, nk, S, ld, q_major, p.score_bufs)
+
+
+cdef inline void chain_score_grad(real *dS, const real *G, long ld, int nrows,
+                                  int ncols) noexcept nogil:
+    """dS <- dS * G: the gradient reaching the modified score times d mod / d score.
+    Only where dS is nonzero: a hidden element has P = 0, so dS = 0, and its derivative
+    may be inf or NaN (a mod evaluated far outside its range) — 0 * inf must not leak."""
+    cdef int r, c
+    for r in range(nrows):
+        for c in range(ncols):
+            if dS[r * ld + c] != 0:
+                dS[r * ld + c] = dS[r * ld + c] * G[r * ld + c]
 
 
 cdef inline real lse_for_bwd(real x) noexcept nogil:
@@ -215,7 +273,7 @@ cdef inline void gemm(int M, int N, int K, const real *A, long a_rs, long a_cs,
 
 cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q0,
                          int mq, int j, bint partial, const real *Qt, real *St, real *Ks,
-                         const real **Kr, long *ldk) noexcept nogil:
+                         const real **Kr, long *ldk, real *G) noexcept nogil:
     """S^T (keys x queries) of kv block j against a q block whose Q^T, times the softmax
     scale, is Qt; the causal rule and the mask are applied on partial blocks. The
     forward and the dQ pass both compute their scores here, so the dQ pass reproduces
@@ -226,6 +284,8 @@ cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q
     Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0, nk, p.D, p.Dp, Ks, ldk)
     # Broadcast K, vectors of Q^T.
     gemm(nk, p.BMp, p.D, Kr[0], ldk[0], 1, Qt, p.BMp, St, p.BMp, 0)
+    if p.mod_score != NULL:
+        apply_score_mod(dummy, p, St, G, p.BMp, 0, b, h, q0, mq, k0, nk)
     if partial:
         apply_mask(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0, nk)
     return nk
@@ -283,7 +343,8 @@ cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept n
         for t in range(n):
             j = blocks_at(bl, b, h, i, t)
             k0 = j * p.BN
-            nk = scores_t(dummy, p, b, h, hk, q0, mq, j, which == 1, Qt, St, Ks, &Kr, &ldk)
+            nk = scores_t(dummy, p, b, h, hk, q0, mq, j, which == 1, Qt, St, Ks, &Kr, &ldk,
+                          NULL)
             if real is float:
                 softmax_cols_f32(nk, BMp, St, BMp, m_i, l_i, alpha)
             else:
@@ -310,6 +371,8 @@ cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept n
             for r in range(p.Dv):
                 orow[r * p.o.s[3]] = 0
             lse[(b * p.Hq + h) * p.Lq + q0 + c] = -INFINITY
+        if p.mx != NULL:
+            (<real *>p.mx)[(b * p.Hq + h) * p.Lq + q0 + c] = m_i[c]
 
 
 cdef inline size_t round64(size_t n_elems, size_t itemsize) noexcept nogil:
@@ -335,7 +398,7 @@ cdef size_t kv_scratch_elems(Problem *p) noexcept nogil:
             + <size_t>p.BMp * p.Dp         # packed Q rows
             + <size_t>p.BMp * p.D          # Q rows times the softmax scale
             + <size_t>p.BMp * p.Dvp        # packed dO rows
-            + 2 * <size_t>p.BMp * p.BNp    # S / P and dP / dS
+            + 3 * <size_t>p.BMp * p.BNp    # S / P, dP / dS and d score_mod / d S
             + 2 * <size_t>p.BMp)           # lse, delta of the q block
 
 
@@ -355,7 +418,8 @@ cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
     cdef real *dOs = Qsc + <size_t>p.BMp * p.D
     cdef real *S = dOs + <size_t>p.BMp * p.Dvp
     cdef real *dP = S + <size_t>p.BMp * BNp
-    cdef real *lr = dP + <size_t>p.BMp * BNp
+    cdef real *G = dP + <size_t>p.BMp * BNp
+    cdef real *lr = G + <size_t>p.BMp * BNp
     cdef real *dl = lr + p.BMp
     cdef real *dK = <real *>p.dk + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dp
     cdef real *dV = <real *>p.dv + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dvp
@@ -395,6 +459,8 @@ cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
                 dOr = rows_or_pack(dummy, &p.do, b, h, q0, mq, p.Dv, p.Dvp, dOs, &ldo)
                 # S = Q K^T * scale (queries x keys), dP = dO V^T.
                 gemm(mq, BNp, p.D, Qsc, p.D, 1, Kt, BNp, S, BNp, 0)
+                if p.mod_score != NULL:
+                    apply_score_mod(dummy, p, S, G, BNp, 1, b, h, q0, mq, k0, nk)
                 if which == 1:
                     apply_mask(dummy, p, S, BNp, 1, b, h, q0, mq, k0, nk)
                 gemm(mq, BNp, p.Dv, dOr, ldo, 1, Vt, BNp, dP, BNp, 0)
@@ -402,6 +468,8 @@ cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
                     bwd_rows_f32(mq, BNp, S, BNp, dP, BNp, lr, dl)
                 else:
                     bwd_rows_f64(mq, BNp, S, BNp, dP, BNp, lr, dl)
+                if p.mod_score != NULL:
+                    chain_score_grad(dP, G, BNp, mq, nk)
                 # dV += P^T dO and dK += dS^T Q (unscaled; the launcher applies scale).
                 gemm(nk, p.Dvp, mq, S, 1, BNp, dOr, ldo, dV, p.Dvp, 1)
                 gemm(nk, p.Dp, mq, dP, 1, BNp, Qr, ldq, dK, p.Dp, 1)
@@ -415,7 +483,7 @@ cdef size_t q_scratch_elems(Problem *p) noexcept nogil:
             + <size_t>p.Dv * p.BMp         # dO^T
             + <size_t>p.BN * p.Dp          # packed K rows
             + <size_t>p.BN * p.Dvp         # packed V rows
-            + 2 * <size_t>p.BN * p.BMp     # S^T / P^T and dP^T / dS^T
+            + 3 * <size_t>p.BN * p.BMp     # S^T / P^T, dP^T / dS^T, d score_mod / d S
             + 2 * <size_t>p.BMp)           # lse, delta columns
 
 
@@ -434,7 +502,8 @@ cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nog
     cdef real *Vs = Ks + <size_t>p.BN * p.Dp
     cdef real *St = Vs + <size_t>p.BN * p.Dvp
     cdef real *dPt = St + <size_t>p.BN * BMp
-    cdef real *lc = dPt + <size_t>p.BN * BMp
+    cdef real *Gt = dPt + <size_t>p.BN * BMp
+    cdef real *lc = Gt + <size_t>p.BN * BMp
     cdef real *dl = lc + BMp
     cdef long row = (b * p.Hq + h) * p.Lq + q0
     cdef real *dQ = <real *>p.dq + row * <long>p.Dp
@@ -465,7 +534,8 @@ cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nog
         for t in range(n):
             j = blocks_at(bl, b, h, i, t)
             k0 = j * p.BN
-            nk = scores_t(dummy, p, b, h, hk, q0, mq, j, which == 1, Qt, St, Ks, &Kr, &ldk)
+            nk = scores_t(dummy, p, b, h, hk, q0, mq, j, which == 1, Qt, St, Ks, &Kr, &ldk,
+                          Gt)
             Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dv, Vs, &ldv)
             # dP^T = V dO^T (keys x queries).
             gemm(nk, BMp, p.Dv, Vr, ldv, 1, dOt, BMp, dPt, BMp, 0)
@@ -473,6 +543,8 @@ cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nog
                 bwd_cols_f32(nk, BMp, St, BMp, dPt, BMp, lc, dl)
             else:
                 bwd_cols_f64(nk, BMp, St, BMp, dPt, BMp, lc, dl)
+            if p.mod_score != NULL:
+                chain_score_grad(dPt, Gt, BMp, nk, mq)
             # dQ (queries x D) += dS K, dS read as the transpose of dS^T.
             gemm(mq, p.Dp, nk, dPt, 1, BMp, Kr, ldk, dQ, p.Dp, 1)
 
@@ -560,6 +632,15 @@ cdef void set_problem(Problem *p, dict a) except *:
     set_blocks(&p.kv_part, a["kv_part"])
     set_blocks(&p.q_full, a.get("q_full"))
     set_blocks(&p.q_part, a.get("q_part"))
+    # mods: addresses of (mask_fn, mask buffer pointers, score_fn, score_grad_fn,
+    # score buffer pointers); 0 = none.
+    mods = a.get("mods") or (0, 0, 0, 0, 0)
+    p.mod_mask = <void *><size_t>mods[0]
+    p.mask_bufs = <void **><size_t>mods[1]
+    p.mod_score = <void *><size_t>mods[2]
+    p.mod_score_grad = <void *><size_t>mods[3]
+    p.score_bufs = <void **><size_t>mods[4]
+    p.mx = <char *><size_t>a.get("max_scores", 0)
 
 
 cdef void *alloc_scratch(size_t per_thread_elems, size_t itemsize, int nthreads) except NULL:

@@ -1,0 +1,245 @@
+"""attn.flex_attention: FlexAttention's API on attn's kernels.
+
+The public function validates the call with FlexAttention's errors, turns it into an
+AttentionProblem (``flex=True`` with the score_mod and the BlockMask) and runs it
+through one autograd.Function on the chosen backend. The kernels see the block mask
+as block lists at their own tile size (``BlockMask.kernel_lists``) and the mods as
+Numba-compiled tile callbacks (``attn._modgen``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+from typing import NamedTuple
+
+import torch
+
+from ._block_mask import BlockMask, as_block_mask, noop_mask
+from ._problem import make_problem
+from .backends import select_backend
+
+__all__ = ["flex_attention", "AuxRequest", "AuxOutput"]
+
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs flex_attention should return (as torch's)."""
+
+    lse: bool = False
+    max_scores: bool = False
+
+
+class AuxOutput(NamedTuple):
+    """Auxiliary outputs of flex_attention; fields not requested are None."""
+
+    lse: torch.Tensor | None = None
+    max_scores: torch.Tensor | None = None
+
+
+class KernelSpec(NamedTuple):
+    """What a kernel launcher needs of a FlexAttention call."""
+
+    lists: object          # BlockMask.kernel_lists at `tiles`, or None (dense, all full)
+    mask_mod: object       # CompiledMod or None
+    score_mod: object      # CompiledMod or None
+    max_scores: bool
+    tiles: tuple
+
+
+def _traced(problem):
+    from . import _modgen
+
+    score = None
+    if problem.score_mod is not None:
+        score = _modgen.trace_score_mod(problem.score_mod)
+    mask = None
+    bm = problem.block_mask
+    if bm is not None and bm.mask_mod is not None and bm.mask_mod is not noop_mask:
+        mask = _modgen.trace_mask_mod(bm.mask_mod)
+    return mask, score
+
+
+def kernel_spec_reasons(problem) -> list[str]:
+    """Why the compiled kernels cannot serve this FlexAttention call (empty if they can)."""
+    try:
+        mask, score = _traced(problem)
+    except (TypeError, NotImplementedError, ValueError) as e:
+        return [f"cannot compile the mod for the kernels: {e}"]
+    reasons = []
+    for name, c in (("score_mod", score), ("mask_mod", mask)):
+        if c is not None and c.requires_grad and torch.is_grad_enabled():
+            reasons.append(
+                f"{name} reads a tensor that requires grad: the kernels give no gradient "
+                "for it; detach it, or run on attn.use_backend('reference') (dense, "
+                "differentiates through the tensor)"
+            )
+    return reasons
+
+
+def kernel_spec(problem, tiles_for) -> KernelSpec:
+    mask, score = _traced(problem)
+    bm = problem.block_mask
+    lists = None
+    if bm is not None:
+        tiles = tiles_for(bm.BLOCK_SIZE)
+        cache = bm.__dict__.setdefault("_attn_kernel_lists", {})
+        lists = cache.get(tiles)
+        if lists is None:
+            lists = cache[tiles] = bm.kernel_lists(*tiles)
+    else:
+        tiles = None
+    return KernelSpec(lists, mask, score, problem.max_scores, tiles)
+
+
+class _FlexFn(torch.autograd.Function):
+    """out, lse, max_scores of a FlexAttention call; gradients to query, key, value
+    (through score_mod by its compiled derivative). max_scores is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, problem, backend):
+        out, lse, mx = _run_forward(backend, problem)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.problem, ctx.backend = problem, backend
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(mx)
+        return out, lse, mx
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, _grad_mx):
+        query, key, value, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        problem = replace(ctx.problem, query=query, key=key, value=value)
+        dq, dk, dv = ctx.backend.backward(problem, out, lse, grad_out, grad_lse)
+        return dq, dk, dv, None, None
+
+
+def _run_forward(backend, problem):
+    res = backend.forward(problem)
+    if len(res) == 3:
+        return res
+    out, lse = res
+    B, Hq, Lq = lse.shape
+    return out, lse, lse.new_full((B, Hq, Lq), float("-inf"))
+
+
+def _check_block_mask(block_mask, query, key):
+    bm = as_block_mask(block_mask)
+    B, Hq, Lq, _ = query.shape
+    Lk = key.shape[2]
+    mq, mk = bm.seq_lengths
+    if Lq > mq or Lk > mk:
+        raise ValueError(
+            f"block_mask was created for block_mask.shape={bm.shape} but got q_len={Lq} "
+            f"and kv_len={Lk}. As the block mask was created for a smaller length than "
+            "you're using it for, you likely need to create a new block mask."
+        )
+    if (Lq, Lk) != (mq, mk):
+        raise ValueError(
+            f"block_mask was created for block_mask.shape={bm.shape} but got q_len={Lq} "
+            f"and kv_len={Lk}. Create a new block mask for these lengths."
+        )
+    Bm, Hm = bm.kv_num_blocks.shape[:2]
+    if Bm not in (1, B):
+        raise ValueError(f"block_mask has batch size {Bm}; expected 1 or B={B}")
+    if Hm not in (1, Hq):
+        raise ValueError(f"block_mask has {Hm} heads; expected 1 or Hq={Hq} (query heads)")
+    if bm.kv_num_blocks.device != query.device:
+        raise RuntimeError(
+            f"Expect q/k/v and block_mask to be on the same device but got {query.device} "
+            f"and {bm.kv_num_blocks.device}."
+        )
+    return bm
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod=None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: dict | None = None,
+    *,
+    return_aux: AuxRequest | None = None,
+):
+    r"""Drop-in for :func:`torch.nn.attention.flex_attention.flex_attention`.
+
+    ``softmax(mask(score_mod(query @ key^T * scale))) @ value``, tile by tile, visiting
+    only the kv blocks ``block_mask`` lists for each q block; ``mask_mod`` (the block
+    mask's) is evaluated only on its partial blocks. CPU tensors run on attn's Cython
+    kernels with the mods compiled by Numba (forward and backward; PyTorch's own
+    FlexAttention has no CPU backward).
+
+    Args:
+        query: ``(B, Hq, Lq, D)``; key ``(B, Hkv, Lk, D)``; value ``(B, Hkv, Lk, Dv)``.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, written with torch
+            elementwise ops, ``torch.where`` and indexing of captured tensors (e.g.
+            ``attn.mods.alibi``). Its derivative with respect to ``score`` is derived
+            automatically; captured tensors get no gradient from the kernels (a tensor
+            that requires grad is refused with a clear error — use the reference
+            backend for that).
+        block_mask: from :func:`attn.create_block_mask` (or torch's); ``None`` = dense.
+        scale: default ``1 / sqrt(D)``.
+        enable_gqa: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+        return_lse: deprecated form of ``return_aux=AuxRequest(lse=True)``.
+        kernel_options: accepted for compatibility; attn's kernels take no options.
+        return_aux: :class:`AuxRequest`; the result is then ``(out, AuxOutput)``.
+
+    Returns:
+        ``out (B, Hq, Lq, Dv)`` in query's dtype, or ``(out, lse)`` / ``(out, AuxOutput)``.
+        lse and max_scores are float32 (float64 for float64 inputs), natural log; a row
+        with no visible key has out 0, lse and max_scores -inf, and zero gradients.
+    """
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if isinstance(t, torch.Tensor) and t.dim() != 4:
+            raise NotImplementedError(
+                f"NYI: query, key, and value must be 4D tensors ({name} has shape "
+                f"{tuple(t.shape)})"
+            )
+    if return_lse and return_aux is not None:
+        raise ValueError(
+            "Cannot specify both return_lse and return_aux. return_lse is deprecated, "
+            "please use return_aux=AuxRequest(lse=True) instead."
+        )
+    if return_aux is not None and not isinstance(return_aux, AuxRequest):
+        try:
+            return_aux = AuxRequest(lse=bool(return_aux.lse),
+                                    max_scores=bool(return_aux.max_scores))
+        except AttributeError:
+            raise TypeError(
+                f"return_aux must be an AuxRequest, got {type(return_aux).__name__}"
+            ) from None
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options)}")
+    problem = make_problem(query, key, value, None, False, scale, enable_gqa)
+    bm = _check_block_mask(block_mask, query, key) if block_mask is not None else None
+    if score_mod is not None:
+        from ._block_mask import ModSignatureError, _positional_arity
+
+        n = _positional_arity(score_mod)
+        if n != 5:
+            raise ModSignatureError(
+                f"score_mod must take 5 positional arguments (score, b, h, q_idx, kv_idx), "
+                f"got {n}"
+            )
+    want_max = bool(return_aux is not None and return_aux.max_scores)
+    problem = replace(problem, score_mod=score_mod, block_mask=bm, max_scores=want_max,
+                      flex=True)
+    backend = select_backend(problem)
+    if getattr(backend, "autograd_native", False):
+        out, lse, mx = backend.forward(problem)
+    else:
+        out, lse, mx = _FlexFn.apply(query, key, value, problem, backend)
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse if return_aux.lse else None,
+                              max_scores=mx if return_aux.max_scores else None)
+    if return_lse:
+        warnings.warn("return_lse is deprecated; use return_aux=AuxRequest(lse=True)",
+                      FutureWarning, stacklevel=2)
+        return out, lse
+    return out
