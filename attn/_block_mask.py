@@ -377,7 +377,19 @@ def _block_classes(mask_mod, B, H, Lq, Lk, BQ, BKV, device="cpu"):
     the mod with torch ops in bounded chunks: memory O(_EVAL_BUDGET + B*H*nQB*nKVB),
     never O(Lq * Lk).
     """
-    full, partial = _block_classes_torch(mask_mod, B, H, Lq, Lk, BQ, BKV, device)
+    try:
+        from . import _modgen
+
+        compiled = _modgen.trace_mask_mod(mask_mod)
+    except (TypeError, NotImplementedError, ValueError):
+        # A mod the compiler cannot translate still gets a block mask, evaluated by
+        # torch (slower); running it in a kernel is what will then fail, clearly.
+        compiled = None
+    if compiled is not None:
+        full, partial = _modgen.block_classes(compiled, B, H, Lq, Lk, BQ, BKV)
+        full, partial = full.to(device), partial.to(device)
+    else:
+        full, partial = _block_classes_torch(mask_mod, B, H, Lq, Lk, BQ, BKV, device)
     return _demote_ragged_edges(full, partial, Lq, Lk, BQ, BKV)
 
 
@@ -517,6 +529,33 @@ def _sliced_mod(base, maps, BQ):
 
     sliced_mask_mod.__name__ = _identifier(f"{_mod_name(base)}_sliced")
     return sliced_mask_mod
+
+
+def _split_lists(self, BM: int, BN: int) -> "KernelLists":
+    """kernel_lists for tiles that also split the kv blocks (BN < KV_BLOCK_SIZE): every
+    sub-tile inherits its block's class. Through the block-level dense picture, which
+    is B*H*nQT*nKT booleans (tiny next to the mask it describes), in ascending order."""
+    QB, KB = self.BLOCK_SIZE
+    Lq, Lk = self.seq_lengths
+    n_qt, n_kt = _cdiv(Lq, BM), _cdiv(Lk, BN)
+    device = self.kv_indices.device
+    rows = torch.arange(n_qt, device=device) // (QB // BM)
+    cols = torch.arange(n_kt, device=device) // (KB // BN)
+    n_kb = self.kv_indices.shape[-1]
+
+    def tiles(num, idx):
+        if num is None:
+            B, H = self.kv_indices.shape[:2]
+            return torch.zeros(B, H, n_qt, n_kt, dtype=torch.bool, device=device)
+        return _to_dense_bool(num, idx, n_kb)[:, :, rows][..., cols]
+
+    part = tiles(self.kv_num_blocks, self.kv_indices)
+    full = tiles(self.full_kv_num_blocks, self.full_kv_indices)
+    kv_num, kv_idx = _ordered(part)
+    fkv_num, fkv_idx = _ordered(full)
+    q_num, q_idx = _ordered(part.transpose(-2, -1))
+    fq_num, fq_idx = _ordered(full.transpose(-2, -1))
+    return KernelLists(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, BM, BN)
 
 
 class KernelLists(NamedTuple):
@@ -907,6 +946,8 @@ class BlockMask:
             compute_q_blocks=self.q_indices is not None,
         )
 
+    _kernel_lists_split = _split_lists
+
     def to(self, device) -> "BlockMask":
         """A copy with every tensor on ``device`` (tensors a mask_mod captured stay put,
         as in torch)."""
@@ -941,8 +982,8 @@ class BlockMask:
         for v, name in ((BM, "BM"), (BN, "BN")):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if BN != KB:
-            raise ValueError(f"BN ({BN}) must equal the mask's KV block size BLOCK_SIZE[1] ({KB})")
+        if KB % BN != 0:
+            raise ValueError(f"BN ({BN}) must divide the mask's KV block size BLOCK_SIZE[1] ({KB})")
         if QB % BM != 0:
             raise ValueError(f"BM ({BM}) must divide the mask's Q block size BLOCK_SIZE[0] ({QB})")
         Lq, Lk = self.seq_lengths
@@ -964,6 +1005,8 @@ class BlockMask:
             dense = _to_dense_bool(num, idx, idx.shape[-1])[:, :, rows, :n_kb]
             return _ordered(dense.transpose(-2, -1))
 
+        if BN != KB:
+            return self._kernel_lists_split(BM, BN)
         kv_num, kv_idx = kv_side(self.kv_num_blocks, self.kv_indices)
         q_num, q_idx = q_side(self.kv_num_blocks, self.kv_indices)
         if self.full_kv_num_blocks is not None:

@@ -40,6 +40,7 @@ class KernelSpec(NamedTuple):
     """What a kernel launcher needs of a FlexAttention call."""
 
     lists: object          # BlockMask.kernel_lists at `tiles`, or None (dense, all full)
+    block_mask: object     # the BlockMask (attn's) or None
     mask_mod: object       # CompiledMod or None
     score_mod: object      # CompiledMod or None
     max_scores: bool
@@ -77,18 +78,20 @@ def kernel_spec_reasons(problem) -> list[str]:
 
 
 def kernel_spec(problem, tiles_for) -> KernelSpec:
+    """The call as kernels see it; ``tiles_for(BLOCK_SIZE) -> (BM, BN)`` gives the CPU
+    kernels' tile for the lists (None: the launcher builds its own, as the GPU's does
+    per kernel)."""
     mask, score = _traced(problem)
     bm = problem.block_mask
     lists = None
-    if bm is not None:
+    tiles = None
+    if bm is not None and tiles_for is not None:
         tiles = tiles_for(bm.BLOCK_SIZE)
         cache = bm.__dict__.setdefault("_attn_kernel_lists", {})
         lists = cache.get(tiles)
         if lists is None:
             lists = cache[tiles] = bm.kernel_lists(*tiles)
-    else:
-        tiles = None
-    return KernelSpec(lists, mask, score, problem.max_scores, tiles)
+    return KernelSpec(lists, bm, mask, score, problem.max_scores, tiles)
 
 
 class _FlexFn(torch.autograd.Function):

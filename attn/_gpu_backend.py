@@ -23,6 +23,7 @@ class GpuBackend(Backend):
     # Local arrays and shared tiles are sized per head dim at compile time; 256 is the
     # largest gpu.tilings() plans shared memory and registers for.
     max_head_dim = 256
+    supports_flex = True
 
     _import_error: str | None = None
     _gpu = None
@@ -51,10 +52,25 @@ class GpuBackend(Backend):
         ok, why = gpu.available()
         if not ok:
             reasons.append(why)
+        if problem.flex and not reasons:
+            from ._flex import kernel_spec, kernel_spec_reasons
+
+            reasons += kernel_spec_reasons(problem)
+            if not reasons:
+                if problem.max_scores:
+                    reasons.append("max_scores (AuxRequest) not computed by the GPU kernels")
+                spec = kernel_spec(problem, None)
+                reasons += gpu.flex_reasons(spec.block_mask, spec.mask_mod, spec.score_mod,
+                                            gpu.tilings(problem.D, problem.Dv))
         return reasons
 
     def forward(self, problem):
         gpu = self._load()
+        if problem.flex:
+            from ._flex import kernel_spec
+
+            return gpu.forward(problem.query, problem.key, problem.value, None, False,
+                               problem.scale, flex=kernel_spec(problem, None))
         return gpu.forward(
             problem.query, problem.key, problem.value, problem.attn_mask,
             problem.is_causal, problem.scale,
@@ -62,6 +78,12 @@ class GpuBackend(Backend):
 
     def backward(self, problem, out, lse, grad_out, grad_lse):
         gpu = self._load()
+        if problem.flex:
+            from ._flex import kernel_spec
+
+            return gpu.backward(problem.query, problem.key, problem.value, out, lse,
+                                grad_out, grad_lse, None, False, problem.scale,
+                                flex=kernel_spec(problem, None))
         return gpu.backward(
             problem.query, problem.key, problem.value, out, lse, grad_out, grad_lse,
             problem.attn_mask, problem.is_causal, problem.scale,

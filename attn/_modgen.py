@@ -14,16 +14,19 @@ compiles for the CPU (``numba.njit`` / ``numba.cfunc``) and for the GPU
    Tensors the mod captures become *buffers*: kernel arguments, so new values never
    recompile (only new dtypes / shapes do).
 2. **Generate** straight-line code, one statement per aten op, typed like torch: every
-   value is ``bool``, ``int64``, ``float32``, ``float64`` or ``R``. ``R`` is the score's
-   real type, float32 or float64 as the tile is; a value is ``R`` when torch, run with a
-   float32 score, gives it float32 *because of the score*, i.e. it would follow the
-   score to float64. So a float64 tile computes in float64 and a float32 tile stays in
-   float32, as torch does. Integers are 64-bit (torch's int32 wrap-around on overflow is
-   not reproduced). float16 / bfloat16 values compute in float32.
-   The derivative for ``score_grad_elem`` is forward-mode: every float value carries a
-   tangent w.r.t. the score (1 for the score itself), with torch's conventions at kinks
-   (``abs'(0) = 0``, clamp passes the gradient at the bounds, ``maximum`` splits ties).
-   Zero tangents are dropped symbolically, so ``-inf`` constants never make ``0 * inf``.
+   value is ``bool``, an integer (int8 ... int64), ``float32``, ``float64`` or ``R``.
+   ``R`` is the score's real type, float32 or float64 as the tile is; a value is ``R``
+   when torch, run with a float32 score, gives it float32 *because of the score*, i.e.
+   it would follow the score to float64. So a float64 tile computes in float64 and a
+   float32 tile stays in float32, as torch does. The indices are int32 as in
+   FlexAttention; narrow integer results are cast back to their width, which is
+   torch's wrap-around and keeps LLVM's vector lanes narrow. The derivative for
+   ``score_grad_elem`` is forward-mode: every float value carries a tangent w.r.t. the
+   score (1 for the score itself), with torch's conventions at kinks (``abs'(0) = 0``,
+   clamp passes the gradient at its bounds, ``maximum`` / ``minimum`` split ties,
+   ``relu'(0) = 0``). Zero tangents are dropped symbolically, so ``-inf`` constants
+   never make ``0 * inf``. Ops whose operands are all trace-time literals are
+   evaluated by torch.
 3. **Compile** per (mod key, tile dtype) a generated module holding the element
    functions, the CPU tile callbacks (``@cfunc``) and the ``create_block_mask`` /
    ``create_mask`` drivers (``@njit(parallel=True)``). The module is written to a
@@ -36,9 +39,23 @@ raise, so a negative index wraps once like torch (``-1`` is the last element) an
 anything still outside ``[0, n)`` is clamped to the nearest end.
 
 CPU float32 score tiles evaluate ``exp``, ``tanh`` and ``sigmoid`` with the branch-free
-approximations ``_fast_exp_f32`` / ``_fast_tanh_f32`` below (within a few float32 ulp):
+approximations ``_fast_exp_f32`` (<= 1.3 ulp) / ``_fast_tanh_f32`` (<= 6.5 ulp) below:
 without Intel SVML, LLVM can only call scalar ``expf`` / ``tanhf`` (10-15 ns each),
-while these vectorise. float64 tiles, masks and the GPU source use ``math``.
+while these vectorise. float64 tiles, masks and the GPU source use ``math`` (so a
+float64 tile with tanh costs ~15 ns per element: float64 is the accuracy path).
+
+Limitations:
+
+* The score is float32 in the trace, so a cast of the score *to* float32
+  (``score.float()``) is invisible: a float64 tile keeps it in float64.
+* uint16 / uint32 / uint64 values compute as int64; float16 / bfloat16 compute in
+  float32 (not rounded to 16 bits after each op).
+* Only scalar code: whole-tensor ops on captured tensors, reductions, slicing next to a
+  traced index, sorting, data-dependent shapes raise ``NotImplementedError``; Python
+  control flow on tensor values raises ``TypeError``.
+* Buffers are read where they live: the CPU paths take CPU copies of CUDA buffers.
+* A derivative is only w.r.t. the score: ``requires_grad_buffers`` lists buffers that
+  would need more, for the caller to reject.
 """
 from __future__ import annotations
 
@@ -60,6 +77,7 @@ from numba import float32, njit
 __all__ = [
     "CompiledMod",
     "block_classes",
+    "buffer_arrays",
     "buffer_pointer_array",
     "cpu_tile_fns",
     "dense_mask",
@@ -179,12 +197,12 @@ def _captured(fn, depth: int = 0, seen=None, out=None):
                 if isinstance(k, str):
                     out.append(("K", k))
                     take(x, d + 1)
-        elif inspect.isfunction(v) or inspect.ismethod(v) or hasattr(v, "func"):
-            _captured(v, depth + 1, seen, out)
         elif isinstance(v, torch.nn.Module):
             for k, t in list(v.named_buffers()) + list(v.named_parameters()):
                 out.append(("K", k))
                 take(t, d + 1)
+        elif callable(v) and not isinstance(v, type):
+            _captured(v, depth + 1, seen, out)
 
     if hasattr(fn, "func") and hasattr(fn, "args"):  # functools.partial
         take(fn.func, 0)
@@ -199,12 +217,13 @@ def _captured(fn, depth: int = 0, seen=None, out=None):
             take(v, 1)
         fn = fn.__func__
     code = getattr(fn, "__code__", None)
-    if code is None:
+    if code is None:  # a callable object: its attributes and its __call__
+        for k, v in sorted(getattr(fn, "__dict__", {}).items()):
+            out.append(("K", k))
+            take(v, 1)
         call = getattr(type(fn), "__call__", None)
-        if call is not None and hasattr(fn, "__dict__"):
-            for k, v in sorted(fn.__dict__.items()):
-                out.append(("K", k))
-                take(v, 1)
+        if inspect.isfunction(call):
+            _captured(call, depth + 1, seen, out)
         return out
     for cell in fn.__closure__ or ():
         try:
@@ -292,9 +311,15 @@ def _trace_graph(fn, kind: str):
 
 # ------------------------------------------------------------------- value model --
 # Types of generated values. 'R' is the score's real type (float32 or float64).
-_CAST = {"b": "bool", "i32": "int32", "i64": "int64", "f32": "float32", "f64": "float64",
-         "R": "R"}
-_CAT = {"b": 0, "i32": 1, "i64": 1, "f32": 2, "f64": 2, "R": 2}
+_INTS = {"i8": torch.int8, "u8": torch.uint8, "i16": torch.int16, "i32": torch.int32,
+         "i64": torch.int64}
+_INT_TY = {v: k for k, v in _INTS.items()}
+_CAST = {"b": "bool", "i8": "int8", "u8": "uint8", "i16": "int16", "i32": "int32",
+         "i64": "int64", "f32": "float32", "f64": "float64", "R": "R"}
+_CAT = {"b": 0, "f32": 2, "f64": 2, "R": 2, **{k: 1 for k in _INTS}}
+# Numba computes narrow integer ops in int64; a cast back gives torch's wrap-around
+# (and lets LLVM keep narrow vector lanes).
+_WRAP = ("i8", "u8", "i16", "i32")
 _NO = object()
 
 
@@ -305,8 +330,8 @@ def _dtype_ty(dtype: torch.dtype) -> str:
         raise NotImplementedError(f"complex values ({dtype}) are not supported in mods")
     if dtype.is_floating_point:
         return "f64" if dtype == torch.float64 else "f32"
-    # int8/int16/uint8 compute as int32: only their wrap-around differs from torch
-    return "i64" if dtype in (torch.int64, torch.uint64, torch.uint32) else "i32"
+    # torch has little arithmetic for uint16/32/64: they compute as int64
+    return _INT_TY.get(dtype, "i64")
 
 
 def _promote2(a: str, b: str) -> str:
@@ -315,7 +340,7 @@ def _promote2(a: str, b: str) -> str:
     if a == b:
         return a
     if _CAT[a] == 1:
-        return "i64"
+        return _INT_TY.get(torch.promote_types(_INTS[a], _INTS[b]), "i64")
     if "f64" in (a, b):
         return "f64"
     return "R"  # {R, f32}: R is float32 or wider
@@ -376,7 +401,7 @@ def _float_lit(x: float) -> str:
 def _lit(value, ty: str) -> str:
     if ty == "b":
         return "True" if bool(value) else "False"
-    if ty in ("i32", "i64"):
+    if _CAT[ty] == 1:
         v = int(value)
         return str(v) if v >= 0 else f"({v})"
     v = float(value)
@@ -390,7 +415,7 @@ def _lit(value, ty: str) -> str:
 def _py_value(value, ty: str):
     if ty == "b":
         return bool(value)
-    if ty in ("i32", "i64"):
+    if _CAT[ty] == 1:
         return int(value)
     if ty == "f32":
         return float(np.float32(value))
@@ -430,10 +455,8 @@ class _Gen:
         return f"{prefix}{self.n}"
 
     def emit(self, ty: str, expr: str, tan: str | None = None) -> _V:
-        if ty == "i32" and not _is_call(expr, "int32"):
-            # Numba computes int32 op int32 in int64: the cast gives torch's int32
-            # wrap-around and lets LLVM keep 32-bit lanes.
-            expr = f"int32({expr})"
+        if ty in _WRAP and not _is_call(expr, _CAST[ty]):
+            expr = f"{_CAST[ty]}({expr})"
         name = self.fresh()
         self.lines.append((f"{name} = {expr}", False))
         tname = None
@@ -1292,7 +1315,8 @@ def _h_select(g: _Gen, node, A):
 
 
 def supported_ops() -> list[str]:
-    """The aten operator packets a mod may use (any overload of each)."""
+    """The aten operator packets a mod may use (``min`` / ``max`` only as the
+    elementwise two-tensor form, ``pow`` with tensor or scalar base / exponent)."""
     return sorted(_HANDLERS)
 
 
@@ -1419,7 +1443,8 @@ def _trace_cached(fn, kind: str) -> CompiledMod:
             hit = _TRACE_CACHE.get(ck)
             if hit is not None:
                 compiled, tensors = hit
-                fresh = all(a is b for a, b in zip(tensors, [c[2] for c in cap if c[0] == "T"]))
+                now = [c[2] for c in cap if c[0] == "T"]
+                fresh = len(now) == len(tensors) and all(a is b for a, b in zip(tensors, now))
                 fresh = fresh and all(t._version == v for t, v in compiled._copied_from)
                 if fresh:
                     _TRACE_CACHE.move_to_end(ck)
@@ -1539,7 +1564,7 @@ def _header(dtype: torch.dtype, fast: bool, target: str) -> str:
         raise TypeError(f"tile dtype must be torch.float32 or torch.float64, got {dtype}")
     lines = [
         "import math",
-        "from numba import float32, float64, int32, int64, uint64",
+        "from numba import float32, float64, int8, int16, int32, int64, uint8, uint64",
     ]
     if target == "cpu" and fast:
         lines.append("from attn._modgen import _fast_exp_f32, _fast_tanh_f32")
@@ -1551,8 +1576,8 @@ def _header(dtype: torch.dtype, fast: bool, target: str) -> str:
         f"R = {real}",
         f"_exp_f32 = {f32[0]}",
         f"_tanh_f32 = {f32[1]}",
-        f"_exp_f64 = math.exp",
-        f"_tanh_f64 = math.tanh",
+        "_exp_f64 = math.exp",
+        "_tanh_f64 = math.tanh",
         f"_exp_R = {rr[0]}",
         f"_tanh_R = {rr[1]}",
     ]
@@ -1674,7 +1699,7 @@ def _cpu_text(compiled: CompiledMod, dtype: torch.dtype, cache: bool) -> str:
                            [f"v, d = score_grad_elem(S[o], b, h, q, kv{bnames})",
                             "S[o] = v", "G[o] = d"]),
         }
-    for name, (sig, fname, ptrs, temps, stage, apply, direct) in tiles.items():
+    for fname, ptrs, temps, stage, apply, direct in (t[1:] for t in tiles.values()):
         text = [f"def {fname}(b, h, q0, nq, k0, nk, {ptrs}, ld, q_major, bufs):", loads]
         if compiled.kind == "mask":
             text.append("    ninf = R(-math.inf)")
@@ -1708,11 +1733,10 @@ def _cpu_text(compiled: CompiledMod, dtype: torch.dtype, cache: bool) -> str:
                 text.append(f"                o = base + {inner}")
                 text += [f"                {x}" for x in direct]
         parts.append("\n".join(x for x in text if x) + "\n")
-    fmk = fm if compiled.kind == "score" else ""
     parts.append(
         "def build_tiles():\n    return {\n"
         + "".join(
-            f"        '{name}': cfunc({sig}, error_model='numpy', {fmk}cache={c})({fname}),\n"
+            f"        '{name}': cfunc({sig}, error_model='numpy', {fm}cache={c})({fname}),\n"
             for name, (sig, fname, *_rest) in tiles.items()
         )
         + "    }\n"

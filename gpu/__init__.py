@@ -27,7 +27,8 @@ from . import _cuda
 from ._cuda import SIM, launch
 from . import _kernels
 
-__all__ = ["SIM", "available", "forward", "backward", "tilings", "Tiling"]
+__all__ = ["SIM", "available", "forward", "backward", "tilings", "Tiling", "GpuMods",
+           "flex_reasons"]
 
 available = _cuda.available
 
@@ -135,14 +136,143 @@ def _check(*ts):
         raise TypeError(f"attn.gpu supports {list(_KIND)}, got {ts[0].dtype}")
 
 
+# ------------------------------------------------------------------ FlexAttention --
+# Buffer slots of the kernels: the tensors mask_mod and score_mod read, mask's first.
+NBUF = 4
+
+
+class GpuMods:
+    """A call's mask_mod and score_mod (attn._modgen.CompiledMod) as CUDA device
+    functions with the kernels' fixed buffer slots x0..x3. Equal (and hashed) by the
+    generated code, so kernels compiled for one are reused for another with new buffer
+    values; one instance per code (``get``)."""
+
+    _cache: dict = {}
+
+    def __init__(self, mask_c, score_c):
+        from attn import _modgen
+
+        self.key = (mask_c.key if mask_c is not None else None,
+                    score_c.key if score_c is not None else None)
+        slot = 0
+        self.mask = self.score = None
+        if mask_c is not None:
+            self.mask, slot = self._wrap(_modgen, mask_c, mask_c.fn_name, slot,
+                                         "b, h, q, kv")
+        if score_c is not None:
+            self.score, slot = self._wrap(_modgen, score_c, score_c.grad_fn_name, slot,
+                                          "s, b, h, q, kv")
+
+    @staticmethod
+    def _wrap(_modgen, compiled, name, slot, params):
+        ns: dict = {}
+        exec(compile(_modgen.element_function_source(compiled), f"<attn mod {name}>",
+                     "exec"), ns)
+        elem = _cuda.cuda.jit(device=True, inline=True)(ns[name])
+        used = ", ".join(f"x{slot + i}" for i in range(compiled.num_buffers))
+        call = f"{params}, {used}" if used else params
+        src = (f"def wrapped({params}, x0, x1, x2, x3):\n"
+               f"    return elem({call})\n")
+        wns = {"elem": elem}
+        exec(compile(src, f"<attn mod wrapper {name}>", "exec"), wns)
+        return (_cuda.cuda.jit(device=True, inline=True)(wns["wrapped"]),
+                slot + compiled.num_buffers)
+
+    @classmethod
+    def get(cls, mask_c, score_c):
+        key = (mask_c.key if mask_c is not None else None,
+               score_c.key if score_c is not None else None)
+        m = cls._cache.get(key)
+        if m is None:
+            m = cls._cache[key] = cls(mask_c, score_c)
+        return m
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, GpuMods) and other.key == self.key
+
+
+def flex_reasons(block_mask, mask_c, score_c, tiles) -> list[str]:
+    """Why these kernels cannot run a FlexAttention call (empty when they can)."""
+    reasons = []
+    n = sum(c.num_buffers for c in (mask_c, score_c) if c is not None)
+    if n > NBUF:
+        reasons.append(f"the mods read {n} tensors; the GPU kernels take at most {NBUF}")
+    if block_mask is not None:
+        QB, KB = block_mask.BLOCK_SIZE
+        for name, t in tiles.items():
+            rows, cols = (t.cols, t.rows) if name == "dkdv" else (t.rows, t.cols)
+            if QB % rows or KB % cols:
+                reasons.append(
+                    f"BLOCK_SIZE {(QB, KB)} is not a multiple of the {name} kernel's "
+                    f"{rows}x{cols} tiles")
+                break
+    return reasons
+
+
+def _flex_lists(flex, rows: int, cols: int, device):
+    """Kernel lists of a FlexAttention call at (rows queries x cols keys) tiles, on the
+    device, cached on the BlockMask: (kv side, q side, (lb, lh) of the kv side, (lb, lh)
+    of the q side); lb, lh are the row strides per batch and head, 0 to broadcast."""
+    bm = flex.block_mask
+    cache = bm.__dict__.setdefault("_attn_gpu_lists", {})
+    key = (rows, cols, str(device))
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    kl = bm.kernel_lists(rows, cols)
+    # One (batch, head) shape for all four lists: the kernel indexes them alike.
+    Bm = max(t.shape[0] for t in kl[:8])
+    Hm = max(t.shape[1] for t in kl[:8])
+
+    def dev(num, idx):
+        R, C = idx.shape[-2], idx.shape[-1]
+        num = num.expand(Bm, Hm, R)
+        idx = idx.expand(Bm, Hm, R, C)
+        if C == 0:
+            idx = torch.zeros(Bm, Hm, R, 1, dtype=torch.int32)
+        return (num.contiguous().view(-1).to(device), idx.contiguous().view(-1).to(device),
+                max(C, 1))
+
+    def strides(R):
+        return (Hm * R if Bm > 1 else 0), (R if Hm > 1 else 0)
+
+    kf, kp = dev(kl.full_kv_num_blocks, kl.full_kv_indices), dev(kl.kv_num_blocks,
+                                                                   kl.kv_indices)
+    qf, qp = dev(kl.full_q_num_blocks, kl.full_q_indices), dev(kl.q_num_blocks,
+                                                                kl.q_indices)
+    hit = cache[key] = ((kf[0], kf[1], kp[0], kp[1], kf[2]),
+                        (qf[0], qf[1], qp[0], qp[1], qf[2]),
+                        strides(kl.kv_indices.shape[-2]), strides(kl.q_indices.shape[-2]))
+    return hit
+
+
+def _flex_args(flex, device):
+    """(GpuMods or None, the four buffer tensors on the device)."""
+    if flex is None or (flex.mask_mod is None and flex.score_mod is None):
+        d = _dummy(device)
+        return None, (d, d, d, d)
+    mods = GpuMods.get(flex.mask_mod, flex.score_mod)
+    bufs = [b.to(device) for c in (flex.mask_mod, flex.score_mod) if c is not None
+            for b in c.buffers]
+    bufs += [_dummy(device)] * (NBUF - len(bufs))
+    return mods, tuple(bufs)
+
+
 def _mask_args(m, device):
     if m is None:
         return _dummy(device), (0, 0, 0, 0)
     return m, _strides4(m)
 
 
-def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None):
-    """out (dtype of q) and lse (float32, natural log, (B, Hq, Lq))."""
+def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, flex=None):
+    """out (dtype of q) and lse (float32, natural log, (B, Hq, Lq)).
+
+    ``flex`` (attn's FlexAttention path): an object with ``block_mask`` (attn BlockMask
+    or None = dense), ``mask_mod`` and ``score_mod`` (attn._modgen CompiledMods or
+    None)."""
     _check(q, k, v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -152,35 +282,41 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None):
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
+    mods, bufs = _flex_args(flex, q.device)
     kern, grid, threads, shmem, lists = _fwd_plan(
-        q.dtype, D, Dv, B, Hq, Lq, Lk, bool(is_causal), m is not None, q.device, tiling)
+        q.dtype, D, Dv, B, Hq, Lq, Lk, bool(is_causal), m is not None, q.device, tiling,
+        mods)
+    lb = lh = 0
+    if flex is not None and flex.block_mask is not None:
+        t = tiling or tilings(D, Dv)["fwd"]
+        lists, _, (lb, lh), _ = _flex_lists(flex, t.rows, t.cols, q.device)
     marr, ms = _mask_args(m, q.device)
     args = (
         q, k, v,
         out, lse, marr,
         *_strides4(q), *_strides4(k), *_strides4(v), *out.stride(), *ms,
         Hq, Hq // Hkv, Lq, Lk, scale,
-        *lists,
+        *lists, lb, lh, *bufs,
     )
     launch(kern, grid, threads, args, q.device.index, shmem)
     return out, lse
 
 
 @lru_cache(maxsize=1024)
-def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling):
+def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=None):
     """Everything about a forward launch that depends only on the shapes: the compiled
     kernel, grid, block, shared memory and the kv-block lists (on the device). Cached,
     so a repeated call costs one dictionary lookup here."""
     t = tiling or tilings(D, Dv)["fwd"]
     (kvf_n, kvf_i, kvp_n, kvp_i, ncols), _ = _dense_lists(
         Lq, Lk, t.rows, t.cols, causal, masked, device)
-    kern = _kernels.forward_kernel(_KIND[dtype], D, Dv, t, causal, masked)
+    kern = _kernels.forward_kernel(_KIND[dtype], D, Dv, t, causal, masked, mods)
     return (kern, (-(-Lq // t.rows), B * Hq), t.threads, _shmem("fwd", t, D, Dv),
             (kvf_n, kvf_i, kvp_n, kvp_i, ncols))
 
 
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
-             is_causal=False, scale=None, tiling=None):
+             is_causal=False, scale=None, tiling=None, flex=None):
     """dq, dk, dv in the input dtypes. grad_lse (optional) is the gradient reaching lse."""
     _check(q, k, v)
     B, Hq, Lq, D = q.shape
@@ -209,27 +345,40 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     strides = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out), *ms)
     causal = bool(is_causal)
 
+    mods, bufs = _flex_args(flex, q.device)
+    sparse = flex is not None and flex.block_mask is not None
+
     t = ts["dkdv"]
     BN, BM = t.rows, t.cols  # rows of this kernel's tiles are keys
-    _, (qf_n, qf_i, qp_n, qp_i, ncols) = _dense_lists(Lq, Lk, BM, BN, causal,
-                                                      m is not None, q.device)
-    kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None)
+    lb = lh = 0
+    if sparse:
+        _, (qf_n, qf_i, qp_n, qp_i, ncols), _, (lb, lh) = _flex_lists(flex, BM, BN,
+                                                                      q.device)
+    else:
+        _, (qf_n, qf_i, qp_n, qp_i, ncols) = _dense_lists(Lq, Lk, BM, BN, causal,
+                                                          m is not None, q.device)
+    kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None, mods)
     launch(kern, (-(-Lk // BN), B * Hkv), t.threads, (
         *common, dk, dv, *strides,
         *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Lq, Lk, scale,
         qf_n, qf_i,
-        qp_n, qp_i, ncols,
+        qp_n, qp_i, ncols, lb, lh, *bufs,
     ), q.device.index, _shmem("dkdv", t, D, Dv))
 
     t = ts["dq"]
     BM, BN = t.rows, t.cols
-    (kf_n, kf_i, kp_n, kp_i, ncols), _ = _dense_lists(Lq, Lk, BM, BN, causal,
-                                                      m is not None, q.device)
-    kern = _kernels.dq_kernel(kind, D, Dv, t, causal, m is not None)
+    lb = lh = 0
+    if sparse:
+        (kf_n, kf_i, kp_n, kp_i, ncols), _, (lb, lh), _ = _flex_lists(flex, BM, BN,
+                                                                      q.device)
+    else:
+        (kf_n, kf_i, kp_n, kp_i, ncols), _ = _dense_lists(Lq, Lk, BM, BN, causal,
+                                                          m is not None, q.device)
+    kern = _kernels.dq_kernel(kind, D, Dv, t, causal, m is not None, mods)
     launch(kern, (-(-Lq // BM), B * Hq), t.threads, (
         *common, dq, *strides, *dq.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale,
         kf_n, kf_i,
-        kp_n, kp_i, ncols,
+        kp_n, kp_i, ncols, lb, lh, *bufs,
     ), q.device.index, _shmem("dq", t, D, Dv))
     return dq, dk, dv

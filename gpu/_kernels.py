@@ -241,6 +241,27 @@ def _zero(R: int, C: int):
 
 
 @cuda.jit(device=True, inline=True)
+def _no_mask(b, h, q, kv, x0, x1, x2, x3):
+    return True
+
+
+@cuda.jit(device=True, inline=True)
+def _no_score(s, b, h, q, kv, x0, x1, x2, x3):
+    return s, ONE
+
+
+def _hooks(mods):
+    """(mask_fn, score_fn, MASKMOD, SCORE) for a kernel factory: the FlexAttention
+    mods as device functions taking the four buffer arguments x0..x3, or stand-ins
+    that the compile-time flags keep out of the code. ``mods`` is gpu.GpuMods (hashable
+    by its generated source) or None."""
+    if mods is None:
+        return _no_mask, _no_score, False, False
+    return (mods.mask or _no_mask, mods.score or _no_score, mods.mask is not None,
+            mods.score is not None)
+
+
+@cuda.jit(device=True, inline=True)
 def _block_at(it, nf, row, ncols, full_idx, part_idx):
     """The it-th block of a row's list: its nf full blocks first, then the partial ones."""
     if it >= nf:
@@ -291,9 +312,11 @@ def _layout(kernel: str, t: Tiling, D: int, Dv: int) -> dict:
 
 # ------------------------------------------------------------------------ forward --
 @lru_cache(maxsize=None)
-def forward_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
+def forward_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool,
+                   mods=None):
     if t.V == 4:
-        return _forward_kernel_v4(kind, D, Dv, t, CAUSAL, MASK)
+        return _forward_kernel_v4(kind, D, Dv, t, CAUSAL, MASK, mods)
+    mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
     st = _storer(kind)
     TX, TY, RM, RN = t.TX, t.TY, t.RM, t.RN
     BM, BN, NT = t.rows, t.cols, t.threads
@@ -315,7 +338,7 @@ def forward_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bo
             vs_b, vs_h, vs_l, vs_d, os_b, os_h, os_l, os_d,
             ms_b, ms_h, ms_q, ms_k,
             Hq, G, Lq, Lk, scale,
-            kvf_num, kvf_idx, kvp_num, kvp_idx, ncols):
+            kvf_num, kvf_idx, kvp_num, kvp_idx, ncols, lb, lh, x0, x1, x2, x3):
         qb = cuda.blockIdx.x
         bh = cuda.blockIdx.y
         b = bh // Hq
@@ -342,11 +365,14 @@ def forward_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bo
         vbase = b * vs_b + hk * vs_h
         mbase = b * ms_b + h * ms_h
 
-        nf = kvf_num[qb]
-        nt = nf + kvp_num[qb]
+        # The block lists may differ per batch and head (block masks): lb, lh are their
+        # row strides, 0 where a dimension broadcasts.
+        lr = b * lb + h * lh + qb
+        nf = kvf_num[lr]
+        nt = nf + kvp_num[lr]
         for it in range(nt):
             partial = it >= nf
-            n0 = _block_at(it, nf, qb, ncols, kvf_idx, kvp_idx) * BN
+            n0 = _block_at(it, nf, lr, ncols, kvf_idx, kvp_idx) * BN
             # Barrier: every thread is done with the previous K/P and V tiles.
             cuda.syncthreads()
             stage_k(sm, OK, k, kbase, n0, ks_l, ks_d, Lk, ONE, tid)
@@ -362,12 +388,18 @@ def forward_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bo
                     col = n0 + tx + TX * j
                     x = s[i, j]
                     ok = col < Lk
+                    if SCORE:
+                        if ok and row < Lq:
+                            x = float32(score_fn(x, b, h, row, col, x0, x1, x2, x3)[0])
                     if partial:
                         if CAUSAL:
                             ok = ok and col <= row
                         if MASK:
                             if ok and row < Lq:
                                 x += mask[mbase + row * ms_q + col * ms_k]
+                        if MASKMOD:
+                            if ok and row < Lq:
+                                ok = mask_fn(b, h, row, col, x0, x1, x2, x3)
                     if not ok:
                         x = NEG_INF
                     s[i, j] = x
@@ -524,7 +556,9 @@ def _layout_fwd4(t: Tiling, D: int, Dv: int) -> dict:
 
 
 @lru_cache(maxsize=None)
-def _forward_kernel_v4(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
+def _forward_kernel_v4(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool,
+                       mods=None):
+    mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
     """The forward with 128-bit shared loads: Q, K and P are kept transposed (k-major)
     so every operand run is 4 consecutive words; a thread's rows are
     r(i) = (i//4)*4*TY + 4*ty + i%4 and its columns c(j) = (j//4)*4*TX + 4*tx + j%4."""
@@ -550,7 +584,7 @@ def _forward_kernel_v4(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK
             vs_b, vs_h, vs_l, vs_d, os_b, os_h, os_l, os_d,
             ms_b, ms_h, ms_q, ms_k,
             Hq, G, Lq, Lk, scale,
-            kvf_num, kvf_idx, kvp_num, kvp_idx, ncols):
+            kvf_num, kvf_idx, kvp_num, kvp_idx, ncols, lb, lh, x0, x1, x2, x3):
         qb = cuda.blockIdx.x
         bh = cuda.blockIdx.y
         b = bh // Hq
@@ -576,11 +610,14 @@ def _forward_kernel_v4(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK
         vbase = b * vs_b + hk * vs_h
         mbase = b * ms_b + h * ms_h
 
-        nf = kvf_num[qb]
-        nt = nf + kvp_num[qb]
+        # The block lists may differ per batch and head (block masks): lb, lh are their
+        # row strides, 0 where a dimension broadcasts.
+        lr = b * lb + h * lh + qb
+        nf = kvf_num[lr]
+        nt = nf + kvp_num[lr]
         for it in range(nt):
             partial = it >= nf
-            n0 = _block_at(it, nf, qb, ncols, kvf_idx, kvp_idx) * BN
+            n0 = _block_at(it, nf, lr, ncols, kvf_idx, kvp_idx) * BN
             cuda.syncthreads()
             stage_k(sm, OK, k, kbase, n0, ks_l, ks_d, Lk, ONE, tid)
             stage_v(sm, OV, v, vbase, n0, vs_l, vs_d, Lk, ONE, tid)
@@ -596,12 +633,18 @@ def _forward_kernel_v4(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK
                     col = n0 + (j // 4) * SX + 4 * tx + j % 4
                     x = s[i, j]
                     ok = col < Lk
+                    if SCORE:
+                        if ok and row < Lq:
+                            x = float32(score_fn(x, b, h, row, col, x0, x1, x2, x3)[0])
                     if partial:
                         if CAUSAL:
                             ok = ok and col <= row
                         if MASK:
                             if ok and row < Lq:
                                 x += mask[mbase + row * ms_q + col * ms_k]
+                        if MASKMOD:
+                            if ok and row < Lq:
+                                ok = mask_fn(b, h, row, col, x0, x1, x2, x3)
                     if not ok:
                         x = NEG_INF
                     s[i, j] = x
@@ -662,7 +705,8 @@ def _forward_kernel_v4(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK
 
 # ----------------------------------------------------------------------- backward --
 @lru_cache(maxsize=None)
-def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
+def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool, mods=None):
+    mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
     """One CTA per (kv block of t.rows keys, batch * kv head); loops over the query
     heads of the kv group and the q blocks (t.cols queries) that see this kv block.
     dV = sum_i P_ij dO_i, dK = scale * sum_i dS_ij q_i, dS = P * (dO.v - delta)."""
@@ -693,7 +737,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool)
              ms_b, ms_h, ms_q, ms_k,
              dks_b, dks_h, dks_l, dks_d, dvs_b, dvs_h, dvs_l, dvs_d,
              Hq, Hkv, G, Lq, Lk, scale,
-             qf_num, qf_idx, qp_num, qp_idx, ncols):
+             qf_num, qf_idx, qp_num, qp_idx, ncols, lb, lh, x0, x1, x2, x3):
         kb = cuda.blockIdx.x
         bh = cuda.blockIdx.y
         b = bh // Hkv
@@ -715,17 +759,18 @@ def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool)
         zero_k(dka)
         zero_v(dva)
 
-        nf = qf_num[kb]
-        nt = nf + qp_num[kb]
         for g in range(G):
             h = hk * G + g
+            lr = b * lb + h * lh + kb
+            nf = qf_num[lr]
+            nt = nf + qp_num[lr]
             qbase = b * qs_b + h * qs_h
             gbase = b * gs_b + h * gs_h
             mbase = b * ms_b + h * ms_h
             rbase = (b * Hq + h) * Lq
             for it in range(nt):
                 partial = it >= nf
-                m0 = _block_at(it, nf, kb, ncols, qf_idx, qp_idx) * BM
+                m0 = _block_at(it, nf, lr, ncols, qf_idx, qp_idx) * BM
                 cuda.syncthreads()  # previous Q, dO, P, dS fully read
                 stage_q(sm, OQ, q, qbase, m0, qs_l, qs_d, Lq, ONE, tid)
                 stage_o(sm, OO, do, gbase, m0, gs_l, gs_d, Lq, ONE, tid)
@@ -756,17 +801,30 @@ def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool)
                         qm = m0 + c
                         x = s[i, j]
                         ok = kn < Lk
+                        gd = ONE
+                        if SCORE:
+                            if ok and qm < Lq:
+                                x, gd = score_fn(x, b, h, qm, kn, x0, x1, x2, x3)
                         if partial:
                             if CAUSAL:
                                 ok = ok and kn <= qm
                             if MASK:
                                 if ok and qm < Lq:
                                     x += mask[mbase + qm * ms_q + kn * ms_k]
+                            if MASKMOD:
+                                if ok and qm < Lq:
+                                    ok = mask_fn(b, h, qm, kn, x0, x1, x2, x3)
                         p = ZERO
                         if ok:
-                            p = fast_exp(x - sm[U(OL + c)])
+                            p = fast_exp(float32(x) - sm[U(OL + c)])
                         sm[U(OP + r * LDP + c)] = p
-                        sm[U(OS + r * LDP + c)] = p * (dp[i, j] - sm[U(OD + c)])
+                        ds = p * (dp[i, j] - sm[U(OD + c)])
+                        if SCORE:
+                            # Chain rule through score_mod, only where P > 0: a hidden
+                            # element's derivative (maybe inf) never enters.
+                            if ds != ZERO:
+                                ds = ds * float32(gd)
+                        sm[U(OS + r * LDP + c)] = ds
                 cuda.syncthreads()  # P and dS complete
                 pdo(dva, sm, OP, ty, OO, tx)
                 dsq(dka, sm, OS, ty, OQ, tx)
@@ -789,7 +847,8 @@ def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool)
 
 
 @lru_cache(maxsize=None)
-def dq_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
+def dq_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool, mods=None):
+    mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
     """One CTA per (q block of t.rows queries, batch * head); walks the kv-block lists
     like the forward. dQ = scale * sum_j dS_ij k_j, dS = P * (dO.v_j - delta)."""
     st = _storer(kind)
@@ -816,7 +875,7 @@ def dq_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
              ms_b, ms_h, ms_q, ms_k,
              dqs_b, dqs_h, dqs_l, dqs_d,
              Hq, G, Lq, Lk, scale,
-             kvf_num, kvf_idx, kvp_num, kvp_idx, ncols):
+             kvf_num, kvf_idx, kvp_num, kvp_idx, ncols, lb, lh, x0, x1, x2, x3):
         qb = cuda.blockIdx.x
         bh = cuda.blockIdx.y
         b = bh // Hq
@@ -852,11 +911,14 @@ def dq_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
         vbase = b * vs_b + hk * vs_h
         mbase = b * ms_b + h * ms_h
 
-        nf = kvf_num[qb]
-        nt = nf + kvp_num[qb]
+        # The block lists may differ per batch and head (block masks): lb, lh are their
+        # row strides, 0 where a dimension broadcasts.
+        lr = b * lb + h * lh + qb
+        nf = kvf_num[lr]
+        nt = nf + kvp_num[lr]
         for it in range(nt):
             partial = it >= nf
-            n0 = _block_at(it, nf, qb, ncols, kvf_idx, kvp_idx) * BN
+            n0 = _block_at(it, nf, lr, ncols, kvf_idx, kvp_idx) * BN
             cuda.syncthreads()
             stage_k(sm, OK, k, kbase, n0, ks_l, ks_d, Lk, ONE, tid)
             stage_v(sm, OV, v, vbase, n0, vs_l, vs_d, Lk, ONE, tid)
@@ -873,15 +935,25 @@ def dq_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool):
                     kn = n0 + c
                     x = s[i, j]
                     ok = kn < Lk
+                    gd = ONE
+                    if SCORE:
+                        if ok and row < Lq:
+                            x, gd = score_fn(x, b, h, row, kn, x0, x1, x2, x3)
                     if partial:
                         if CAUSAL:
                             ok = ok and kn <= row
                         if MASK:
                             if ok and row < Lq:
                                 x += mask[mbase + row * ms_q + kn * ms_k]
+                        if MASKMOD:
+                            if ok and row < Lq:
+                                ok = mask_fn(b, h, row, kn, x0, x1, x2, x3)
                     ds = ZERO
                     if ok:
-                        ds = fast_exp(x - lrow[i]) * (dp[i, j] - drow[i])
+                        ds = fast_exp(float32(x) - lrow[i]) * (dp[i, j] - drow[i])
+                        if SCORE:
+                            if ds != ZERO:
+                                ds = ds * float32(gd)
                     sm[U(OS + r * LDS + c)] = ds
             cuda.syncthreads()  # dS complete
             dsk(dqa, sm, OS, ty, OK, tx)
