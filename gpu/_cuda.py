@@ -127,6 +127,11 @@ _TYPESTR = {
     torch.bfloat16: "<i2",
     torch.int32: "<i4",
     torch.uint8: "|u1",
+    # Tensors FlexAttention mods read (document ids, bias tables, slopes).
+    torch.int64: "<i8",
+    torch.int16: "<i2",
+    torch.int8: "|i1",
+    torch.float64: "<f8",
 }
 
 
