@@ -247,3 +247,13 @@ def test_errors():
 
     with pytest.raises(attn.BackendNotSupportedError, match="sort"):
         attn.flex_attention(q, k, v, score_mod=sorts)
+
+
+def test_device_mismatch_error():
+    """q/k/v and the block mask on different devices (a meta-device copy stands in for
+    a CUDA mask on this CPU-only machine)."""
+    q = torch.randn(1, 2, 128, 16)
+    bm = attn.create_block_mask(mods.causal_mask, None, None, 128, 128, device="cpu")
+    bm.kv_num_blocks = bm.kv_num_blocks.to("meta")
+    with pytest.raises(RuntimeError, match="same device"):
+        attn.flex_attention(q, q, q, block_mask=bm)
