@@ -508,7 +508,7 @@ def test_kernel_lists_drop_blocks_past_seq_lengths():
 
 def test_kernel_lists_errors():
     ours = create_block_mask(mods.causal_mask, 1, 1, 128, 128, device="cpu", BLOCK_SIZE=(64, 32))
-    with pytest.raises(ValueError, match=r"BN \(64\) must equal .*BLOCK_SIZE\[1\] \(32\)"):
+    with pytest.raises(ValueError, match=r"BN \(64\) must divide .*BLOCK_SIZE\[1\] \(32\)"):
         ours.kernel_lists(32, 64)
     with pytest.raises(ValueError, match=r"BM \(48\) must divide .*BLOCK_SIZE\[0\] \(64\)"):
         ours.kernel_lists(48, 32)
@@ -798,3 +798,38 @@ def test_from_kv_blocks_consistency_errors():
 def test_mod_factory_errors(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("BM,BN", [(64, 64), (32, 32), (128, 64)])
+def test_kernel_lists_split_kv_blocks(BM, BN):
+    """Kernel tiles smaller than the kv block (the GPU's 64-key tiles under 128-key
+    blocks): every sub-tile inherits its block's class, compared with an independent
+    expansion of the block-level picture."""
+    L = 300
+    bm = create_block_mask(mods.sliding_window(70), 2, 3, L, L, device="cpu")
+    kl = bm.kernel_lists(BM, BN)
+    QB, KB = bm.BLOCK_SIZE
+    nqt, nkt = -(-L // BM), -(-L // BN)
+
+    def blocks(num, idx):
+        nq, nk = idx.shape[-2], idx.shape[-1]
+        d = torch.zeros(*idx.shape[:2], nq, nk, dtype=torch.bool)
+        for b in range(idx.shape[0]):
+            for h in range(idx.shape[1]):
+                for i in range(nq):
+                    for t in range(int(num[b, h, i])):
+                        d[b, h, i, int(idx[b, h, i, t])] = True
+        return d
+
+    def expand(d):
+        return d.repeat_interleave(QB // BM, -2)[..., :nqt, :].repeat_interleave(
+            KB // BN, -1)[..., :nkt]
+
+    for num, idx, fnum, fidx in ((kl.kv_num_blocks, kl.kv_indices, bm.kv_num_blocks,
+                                  bm.kv_indices),
+                                 (kl.full_kv_num_blocks, kl.full_kv_indices,
+                                  bm.full_kv_num_blocks, bm.full_kv_indices)):
+        want = expand(blocks(fnum, fidx))
+        assert torch.equal(blocks(num, idx), want)
+    got_q = blocks(kl.q_num_blocks, kl.q_indices)
+    assert torch.equal(got_q, expand(blocks(bm.kv_num_blocks, bm.kv_indices)).transpose(-2, -1))
