@@ -18,6 +18,7 @@ from ._block_mask import (
     or_masks,
 )
 from ._flex import AuxOutput, AuxRequest, flex_attention
+from ._varlen import document_block_mask, jagged_mask_mod, nested_sdpa, varlen_attn
 from .backends import (
     Backend,
     BackendNotSupportedError,
@@ -38,10 +39,13 @@ __all__ = [
     "and_masks",
     "create_block_mask",
     "create_mask",
+    "document_block_mask",
     "flex_attention",
     "get_backend",
+    "jagged_mask_mod",
     "list_backends",
     "mods",
+    "nested_sdpa",
     "noop_mask",
     "or_masks",
     "reference",
@@ -49,6 +53,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",
+    "varlen_attn",
 ]
 
 __version__ = "0.1.0"

@@ -101,7 +101,8 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_nested:
         raise NotImplementedError(
-            f"{name} is a nested tensor: jagged inputs are not supported yet"
+            f"{name} is a nested tensor but query is not: pass query, key and value "
+            "all as jagged nested tensors (or use attn.varlen_attn on packed tensors)"
         )
     if not t.is_floating_point():
         raise TypeError(

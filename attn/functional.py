@@ -60,6 +60,17 @@ def scaled_dot_product_attention(
     The backend is chosen automatically (CPU tensors: the Cython kernels); force one
     with :func:`attn.use_backend`.
     """
+    if isinstance(query, torch.Tensor) and query.is_nested:
+        # Jagged batches: packed values and offsets through varlen attention, no padding.
+        from ._varlen import nested_sdpa
+
+        if return_lse:
+            raise NotImplementedError(
+                "return_lse=True is not supported for nested (jagged) inputs; use "
+                "attn.varlen_attn(..., return_aux=attn.AuxRequest(lse=True)) on the packed "
+                "values")
+        return nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                           enable_gqa)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
