@@ -117,6 +117,29 @@ def time_cuda(fn: Callable[[], object], warmup: int = 2, repeats: int = 5,
     return summarize([s.elapsed_time(e) / 1e3 for s, e in pairs])
 
 
+def make_call(torch, fn, q, k, v, dout, mode: str, state: dict):
+    """(call, setup) timing ``fn(q, k, v)``: ``fwd`` under no_grad; ``fwd+bwd`` with the
+    loss ``(out * dout).sum()`` back to q, k, v (grads cleared in setup, outside the
+    timed region). ``state['out']`` keeps the last result for checks."""
+    if mode == "fwd":
+        def setup():
+            state.pop("out", None)
+
+        def call():
+            with torch.no_grad():
+                state["out"] = fn(q, k, v)
+    else:
+        def setup():
+            state.pop("out", None)
+            q.grad = k.grad = v.grad = None
+
+        def call():
+            out = fn(q, k, v)
+            (out * dout).sum().backward()
+            state["out"] = out.detach()
+    return call, setup
+
+
 def matmul_ceiling(n: int = 4096, device: str = "cpu", dtype=None, warmup: int = 1,
                    repeats: int = 3) -> dict:
     """GFLOP/s of one large ``torch.mm`` (n x n @ n x n): the practical compute ceiling

@@ -158,27 +158,6 @@ def make_inputs(torch, shape, requires_grad: bool):
     return q, k, v, dout
 
 
-def make_call(torch, fn, q, k, v, dout, mode: str, state: dict):
-    """(call, setup) for time_cpu. ``state['out']`` keeps the last result for checks."""
-    if mode == "fwd":
-        def setup():
-            state.pop("out", None)
-
-        def call():
-            with torch.no_grad():
-                state["out"] = fn(q, k, v)
-    else:
-        def setup():
-            state.pop("out", None)
-            q.grad = k.grad = v.grad = None
-
-        def call():
-            out = fn(q, k, v)
-            (out * dout).sum().backward()
-            state["out"] = out.detach()
-    return call, setup
-
-
 def bench_one(impl, ctx, inputs, causal, mode, warmup, repeats, keep=None):
     """Time one (impl, case). Never raises: returns a dict with status ok/skipped/error."""
     torch = ctx.torch
@@ -189,7 +168,7 @@ def bench_one(impl, ctx, inputs, causal, mode, warmup, repeats, keep=None):
     try:
         fn = prepare(impl, ctx, q, k, v, causal, mode)
         state: dict = {}
-        call, setup = make_call(torch, fn, q, k, v, dout, mode, state)
+        call, setup = C.make_call(torch, fn, q, k, v, dout, mode, state)
         if impl == "flex":
             # First call compiles; time it separately so warmup cannot hide it.
             t0 = time.perf_counter()
@@ -248,13 +227,13 @@ def worker_memory(spec: dict) -> dict:
         # and any lazily initialised state, whose memory is not the call's.
         small = make_inputs(torch, (1, 1, 128, D), mode != "fwd")
         fn_s = prepare(impl, ctx, *small[:3], causal, mode)
-        call_s, setup_s = make_call(torch, fn_s, *small, mode, {})
+        call_s, setup_s = C.make_call(torch, fn_s, *small, mode, {})
         setup_s()
         call_s()
         inputs = make_inputs(torch, shape, mode != "fwd")
         fn = prepare(impl, ctx, *inputs[:3], causal, mode)
         state: dict = {}
-        call, setup = make_call(torch, fn, *inputs, mode, state)
+        call, setup = C.make_call(torch, fn, *inputs, mode, state)
         setup()
         del small, fn_s, call_s, setup_s
         gc.collect()

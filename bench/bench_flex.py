@@ -214,22 +214,7 @@ class Runner:
         torch = self.torch
         q, k, v, dout = inputs
         state: dict = {}
-        if mode == "fwd":
-            def setup():
-                state.pop("out", None)
-
-            def call():
-                with torch.no_grad():
-                    state["out"] = fn(q, k, v)
-        else:
-            def setup():
-                state.pop("out", None)
-                q.grad = k.grad = v.grad = None
-
-            def call():
-                out = fn(q, k, v)
-                (out * dout).sum().backward()
-                state["out"] = out.detach()
+        call, setup = C.make_call(torch, fn, q, k, v, dout, mode, state)
         rec: dict = {}
         try:
             setup()
