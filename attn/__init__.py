@@ -39,6 +39,7 @@ __all__ = [
     "and_masks",
     "create_block_mask",
     "create_mask",
+    "distributed",
     "document_block_mask",
     "flex_attention",
     "get_backend",
@@ -62,7 +63,8 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # attn.cpu / attn.gpu load on first use: the compiled kernels (and, for the GPU,
     # numba.cuda) are imported only by code that runs on them.
-    if name in ("cpu", "gpu"):
+    # attn.distributed too: torch.distributed is imported only by code that shards.
+    if name in ("cpu", "gpu", "distributed"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
