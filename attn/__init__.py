@@ -30,17 +30,30 @@ from .backends import (
 )
 from .functional import scaled_dot_product_attention
 
+# Registers attn as "attn" in PyTorch's flash-attention registry (not activated); with
+# a PyTorch that lacks the registry this only records why (activate_flash_attention
+# raises with that message).
+from ._torch_flash import (
+    FlashAttentionFallbackError,
+    activate_flash_attention,
+    flash_attention_calls,
+    reset_flash_attention_calls,
+)
+
 __all__ = [
     "AuxOutput",
     "AuxRequest",
     "Backend",
     "BlockMask",
     "BackendNotSupportedError",
+    "FlashAttentionFallbackError",
+    "activate_flash_attention",
     "and_masks",
     "create_block_mask",
     "create_mask",
     "distributed",
     "document_block_mask",
+    "flash_attention_calls",
     "flex_attention",
     "get_backend",
     "jagged_mask_mod",
@@ -51,6 +64,7 @@ __all__ = [
     "or_masks",
     "reference",
     "register_backend",
+    "reset_flash_attention_calls",
     "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",

@@ -9,14 +9,17 @@ Numba-compiled tile callbacks (``attn._modgen``).
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import replace
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._block_mask import BlockMask, as_block_mask, noop_mask
-from ._problem import make_problem
+from ._problem import accumulation_dtype, make_problem
 from .backends import select_backend
 
 __all__ = ["flex_attention", "AuxRequest", "AuxOutput"]
@@ -126,6 +129,52 @@ def _run_forward(backend, problem):
     return out, lse, lse.new_full((B, Hq, Lq), float("-inf"))
 
 
+def _native_backward(backend, problem, grad_out, grad_lse):
+    """dq, dk, dv of an autograd-native backend (the reference): recompute its forward
+    under autograd and differentiate it."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in
+                   (problem.query, problem.key, problem.value))
+        out, lse, _ = _run_forward(backend, replace(problem, query=q, key=k, value=v))
+        outs, grads = [out], [grad_out]
+        if grad_lse is not None:
+            outs.append(lse)
+            grads.append(grad_lse)
+        res = torch.autograd.grad(outs, (q, k, v), grads, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), res))
+
+
+def flex_problem(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                 max_scores=False):
+    """The AttentionProblem of a FlexAttention call (block_mask: attn's BlockMask)."""
+    problem = make_problem(query, key, value, None, False, scale, enable_gqa)
+    return replace(problem, score_mod=score_mod, block_mask=block_mask,
+                   max_scores=max_scores, flex=True)
+
+
+def forward_problem(problem, grad_enabled: bool | None = None):
+    """(out, lse, max_scores) of a FlexAttention problem without autograd: the backend
+    layer's choice and kernels, for callers that are below autograd themselves (the
+    custom ops torch.compile traces, aten's flash ops when attn is PyTorch's flash
+    implementation). ``grad_enabled`` is the grad mode the choice should see (a mod that
+    reads a tensor requiring grad is refused only when gradients are on); None: the
+    current one."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() if grad_enabled is None
+                                else grad_enabled):
+        backend = select_backend(problem)
+    with torch.no_grad():
+        return _run_forward(backend, problem)
+
+
+def backward_problem(problem, out, lse, grad_out, grad_lse):
+    """(dq, dk, dv) of a FlexAttention problem, given its forward's out and lse."""
+    backend = select_backend(problem)
+    if getattr(backend, "autograd_native", False):
+        return _native_backward(backend, problem, grad_out, grad_lse)
+    with torch.no_grad():
+        return backend.backward(problem, out, lse, grad_out, grad_lse)
+
+
 def _check_block_mask(block_mask, query, key):
     bm = as_block_mask(block_mask)
     B, Hq, Lq, _ = query.shape
@@ -231,13 +280,17 @@ def flex_attention(
                 f"got {n}"
             )
     want_max = bool(return_aux is not None and return_aux.max_scores)
-    problem = replace(problem, score_mod=score_mod, block_mask=bm, max_scores=want_max,
-                      flex=True)
-    backend = select_backend(problem)
-    if getattr(backend, "autograd_native", False):
-        out, lse, mx = backend.forward(problem)
+    if torch.compiler.is_compiling():
+        out, lse, mx = _compiled_flex(query, key, value, score_mod, bm, problem.scale,
+                                      enable_gqa, want_max)
     else:
-        out, lse, mx = _FlexFn.apply(query, key, value, problem, backend)
+        problem = replace(problem, score_mod=score_mod, block_mask=bm, max_scores=want_max,
+                          flex=True)
+        backend = select_backend(problem)
+        if getattr(backend, "autograd_native", False):
+            out, lse, mx = backend.forward(problem)
+        else:
+            out, lse, mx = _FlexFn.apply(query, key, value, problem, backend)
     if return_aux is not None:
         return out, AuxOutput(lse=lse if return_aux.lse else None,
                               max_scores=mx if return_aux.max_scores else None)
@@ -246,3 +299,176 @@ def flex_attention(
                       FutureWarning, stacklevel=2)
         return out, lse
     return out
+
+
+# --------------------------------------------------------------------- torch.compile
+# While torch.compile traces, flex_attention becomes the custom ops below: tensors (the
+# inputs and the block mask's lists) are op arguments, and the mods - Python functions,
+# which an op schema cannot carry - are named by a string key into _MODS. The key is a
+# trace-time constant (assume_constant_result), so it must change whenever the mods do:
+# dynamo guards a function only by its code object, and two closures of one factory
+# (e.g. two ALiBi score_mods over different slopes) share that, so _compiled_flex calls
+# id() on each mod first, which makes dynamo guard on the objects' identity. A new mod
+# object therefore recompiles (dynamo's usual recompile limit applies); in-place changes
+# of the tensors a mod captures are seen, as the op reads them at run time.
+_MODS: dict[str, tuple] = {}
+_MODS_LOCK = threading.Lock()
+
+_BM_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+@torch.compiler.assume_constant_result
+def _mods_key(score_mod, mask_mod) -> str:
+    key = f"score={id(score_mod):x},mask={id(mask_mod):x}"
+    with _MODS_LOCK:
+        # Held strongly: the ids in the key stay unique while a graph may use them.
+        _MODS.setdefault(key, (score_mod, mask_mod))
+    return key
+
+
+# Rebuilt BlockMasks, by the identity and version of their list tensors: a compiled
+# graph passes the same tensors call after call, and a hit keeps the mask's
+# kernel_lists cache (the lists at the kernels' tile sizes).
+_REBUILT: OrderedDict = OrderedDict()
+_REBUILT_SIZE = 16
+
+
+def _rebuild_block_mask(lists, block_size, seq_lengths, mask_mod):
+    if lists[0] is None:
+        return None
+    key = (tuple((id(t), t._version) if t is not None else None for t in lists),
+           tuple(block_size), tuple(seq_lengths), id(mask_mod))
+    with _MODS_LOCK:
+        hit = _REBUILT.get(key)
+        if hit is not None and all(
+                (r is None and t is None) or (r is not None and r() is t)
+                for r, t in zip(hit[0], lists)):
+            _REBUILT.move_to_end(key)
+            return hit[1]
+    bm = BlockMask(tuple(seq_lengths), *lists, BLOCK_SIZE=tuple(block_size),
+                   mask_mod=mask_mod)
+    refs = tuple(weakref.ref(t) if t is not None else None for t in lists)
+    with _MODS_LOCK:
+        _REBUILT[key] = (refs, bm)
+        while len(_REBUILT) > _REBUILT_SIZE:
+            _REBUILT.popitem(last=False)
+    return bm
+
+
+def _op_problem(query, key, value, lists, block_size, seq_lengths, scale, enable_gqa,
+                max_scores, mods):
+    score_mod, mask_mod = _MODS[mods]
+    bm = _rebuild_block_mask(lists, block_size, seq_lengths, mask_mod)
+    return flex_problem(query, key, value, score_mod, bm, scale, enable_gqa, max_scores)
+
+
+@torch.library.custom_op("attn::flex_forward", mutates_args=())
+def flex_forward_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_num_blocks: Optional[torch.Tensor],
+    kv_indices: Optional[torch.Tensor],
+    full_kv_num_blocks: Optional[torch.Tensor],
+    full_kv_indices: Optional[torch.Tensor],
+    q_num_blocks: Optional[torch.Tensor],
+    q_indices: Optional[torch.Tensor],
+    full_q_num_blocks: Optional[torch.Tensor],
+    full_q_indices: Optional[torch.Tensor],
+    block_size: list[int],
+    seq_lengths: list[int],
+    scale: float,
+    enable_gqa: bool,
+    max_scores: bool,
+    grad_enabled: bool,
+    mods: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lists = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+             q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
+    problem = _op_problem(query, key, value, lists, block_size, seq_lengths, scale,
+                          enable_gqa, max_scores, mods)
+    out, lse, mx = forward_problem(problem, grad_enabled)
+    # Custom ops may not return views of their inputs or of each other.
+    return out.contiguous(), lse.contiguous(), mx.contiguous()
+
+
+@flex_forward_op.register_fake
+def _(query, key, value, *lists_and_args):
+    B, Hq, Lq, _ = query.shape
+    out = query.new_empty(B, Hq, Lq, value.shape[3])
+    ldt = accumulation_dtype(query.dtype)
+    return out, query.new_empty(B, Hq, Lq, dtype=ldt), query.new_empty(B, Hq, Lq, dtype=ldt)
+
+
+@torch.library.custom_op("attn::flex_backward", mutates_args=())
+def flex_backward_op(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num_blocks: Optional[torch.Tensor],
+    kv_indices: Optional[torch.Tensor],
+    full_kv_num_blocks: Optional[torch.Tensor],
+    full_kv_indices: Optional[torch.Tensor],
+    q_num_blocks: Optional[torch.Tensor],
+    q_indices: Optional[torch.Tensor],
+    full_q_num_blocks: Optional[torch.Tensor],
+    full_q_indices: Optional[torch.Tensor],
+    block_size: list[int],
+    seq_lengths: list[int],
+    scale: float,
+    enable_gqa: bool,
+    mods: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lists = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+             q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
+    problem = _op_problem(query, key, value, lists, block_size, seq_lengths, scale,
+                          enable_gqa, False, mods)
+    dq, dk, dv = backward_problem(problem, out, lse, grad_out, grad_lse)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@flex_backward_op.register_fake
+def _(grad_out, grad_lse, query, key, value, *rest):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _flex_setup_context(ctx, inputs, output):
+    query, key, value, *lists = inputs[:11]
+    block_size, seq_lengths, scale, enable_gqa, _max_scores, _grad, mods = inputs[11:]
+    out, lse, _ = output
+    ctx.save_for_backward(query, key, value, out, lse, *lists)
+    ctx.args = (block_size, seq_lengths, scale, enable_gqa, mods)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _flex_backward(ctx, grad_out, grad_lse, _grad_mx):
+    query, key, value, out, lse, *lists = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = flex_backward_op(grad_out, grad_lse, query, key, value, out, lse, *lists,
+                                  *ctx.args)
+    return (dq, dk, dv) + (None,) * 15
+
+
+flex_forward_op.register_autograd(_flex_backward, setup_context=_flex_setup_context)
+
+
+def _compiled_flex(query, key, value, score_mod, bm, scale, enable_gqa, want_max):
+    """flex_attention while torch.compile traces: one attn::flex_forward op."""
+    mask_mod = bm.mask_mod if bm is not None else None
+    # id() makes dynamo guard on the identity of the mods (see above).
+    id(score_mod)
+    id(mask_mod)
+    mods = _mods_key(score_mod, mask_mod)
+    if bm is None:
+        lists, block_size, seq_lengths = (None,) * 8, [0, 0], [0, 0]
+    else:
+        lists = tuple(getattr(bm, f) for f in _BM_FIELDS)
+        block_size, seq_lengths = list(bm.BLOCK_SIZE), list(bm.seq_lengths)
+    return flex_forward_op(query, key, value, *lists, block_size, seq_lengths, float(scale),
+                           bool(enable_gqa), bool(want_max), torch.is_grad_enabled(), mods)

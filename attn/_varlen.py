@@ -31,7 +31,7 @@ import math
 import numbers
 import threading
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -470,9 +470,7 @@ def _run(query, key, value, cq, ck, used, window, top_left, scale, enable_gqa):
     from ._flex import AuxRequest, flex_attention
 
     Dv = value.shape[2]
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(float(scale))):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    _check_scale(scale)
     if query.shape[0] == 0 or key.shape[0] == 0:
         return _Empty.apply(query, key, value, Dv)
     _, bm = _build(cq, ck, used, window, top_left, (_DEFAULT_BLOCK,) * 2, query.device)
@@ -548,6 +546,19 @@ def varlen_attn(
         natural log.
     """
     _check_packed(query, key, value, enable_gqa)
+    if torch.compiler.is_compiling():
+        return _compiled_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                                return_aux, scale, window_size, enable_gqa, seqused_k)
+    cq, ck, used = _checked_offsets(query, key, cu_seq_q, cu_seq_k, seqused_k, max_q, max_k)
+    window = _check_window(window_size)
+    want_lse = _wants_lse(return_aux)
+    _check_seqused_grad(used, query, key, value)
+    out, lse = _run(query, key, value, cq, ck, used, window, False, scale, enable_gqa)
+    return (out, lse) if want_lse else out
+
+
+def _checked_offsets(query, key, cu_seq_q, cu_seq_k, seqused_k, max_q, max_k):
+    """varlen_attn's offsets, seqused_k, max_q and max_k checked: CPU int64 (cq, ck, used)."""
     Tq, Tk = query.shape[0], key.shape[0]
     cq = _check_offsets(cu_seq_q, "cu_seq_q", Tq, query.device, "query")
     if cu_seq_k is None:
@@ -560,23 +571,176 @@ def varlen_attn(
     used = _check_seqused(seqused_k, k_len, query.device)
     _check_max(max_q, "max_q", cq[1:] - cq[:-1], "query sequence")
     _check_max(max_k, "max_k", k_len if used is None else used, "key sequence")
-    window = _check_window(window_size)
-    want_lse = False
-    if return_aux is not None:
-        if not hasattr(return_aux, "lse"):
-            raise TypeError(f"return_aux must be an AuxRequest or None, got "
-                            f"{type(return_aux).__name__}")
-        if getattr(return_aux, "max_scores", False):
-            raise ValueError("varlen_attn returns only lse: AuxRequest(max_scores=True) is "
-                             "not supported")
-        want_lse = bool(return_aux.lse)
-    if used is not None and _wants_grad(query, key, value):
+    return cq, ck, used
+
+
+def _wants_lse(return_aux) -> bool:
+    if return_aux is None:
+        return False
+    if not hasattr(return_aux, "lse"):
+        raise TypeError(f"return_aux must be an AuxRequest or None, got "
+                        f"{type(return_aux).__name__}")
+    if getattr(return_aux, "max_scores", False):
+        raise ValueError("varlen_attn returns only lse: AuxRequest(max_scores=True) is "
+                         "not supported")
+    return bool(return_aux.lse)
+
+
+def _check_seqused_grad(seqused_k, query, key, value):
+    if seqused_k is not None and _wants_grad(query, key, value):
         raise RuntimeError(
             "seqused_k is an inference-only parameter (as in torch's varlen_attn): it gives "
             "no gradients. Run under torch.no_grad() / torch.inference_mode(), or detach "
             "query, key and value"
         )
-    out, lse = _run(query, key, value, cq, ck, used, window, False, scale, enable_gqa)
+
+
+# ------------------------------------------------------------ without autograd, compile
+
+
+def _packed_problem(query, key, value, cq, ck, used, window, top_left, scale, enable_gqa):
+    from ._flex import flex_problem
+
+    _, bm = _build(cq, ck, used, window, top_left, (_DEFAULT_BLOCK,) * 2, query.device)
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    return flex_problem(q4, k4, v4, None, bm, scale, enable_gqa)
+
+
+def _check_scale(scale):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(float(scale))):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+
+
+def packed_forward(query, key, value, cq, ck, used, window, top_left, scale, enable_gqa,
+                   grad_enabled=None):
+    """out ``(total_q, Hq, Dv)`` and lse ``(Hq, total_q)`` of a packed jagged batch
+    without autograd (validated offsets as CPU int64 tensors, the window resolved):
+    the backend layer's kernels, for callers below autograd (the custom ops
+    torch.compile traces, aten's flash ops when attn is PyTorch's flash implementation)."""
+    from ._flex import forward_problem
+
+    _check_scale(scale)
+    Tq, Hq, _ = query.shape
+    if Tq == 0 or key.shape[0] == 0:
+        ldt = torch.float64 if query.dtype == torch.float64 else torch.float32
+        return (query.new_zeros(Tq, Hq, value.shape[2]),
+                torch.full((Hq, Tq), float("-inf"), dtype=ldt, device=query.device))
+    problem = _packed_problem(query, key, value, cq, ck, used, window, top_left, scale,
+                              enable_gqa)
+    out, lse, _ = forward_problem(problem, grad_enabled)
+    return out[0].transpose(0, 1).contiguous(), lse[0]
+
+
+def packed_backward(grad_out, grad_lse, query, key, value, out, lse, cq, ck, window,
+                    top_left, scale, enable_gqa):
+    """dq, dk, dv (packed, contiguous) of :func:`packed_forward`."""
+    from ._flex import backward_problem
+
+    if query.shape[0] == 0 or key.shape[0] == 0:
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    problem = _packed_problem(query, key, value, cq, ck, None, window, top_left, scale,
+                              enable_gqa)
+    go4, o4 = (t.transpose(0, 1).unsqueeze(0) for t in (grad_out, out))
+    gl4 = None if grad_lse is None else grad_lse.unsqueeze(0)
+    dq, dk, dv = backward_problem(problem, o4, lse.unsqueeze(0), go4, gl4)
+    return tuple(t[0].transpose(0, 1).contiguous() for t in (dq, dk, dv))
+
+
+# While torch.compile traces, varlen_attn is one custom op: the offsets are read (and
+# checked) on the host and the block mask is built from them at run time, which a
+# trace cannot do (their values decide shapes); the fake implementation needs only the
+# packed shapes.
+@torch.library.custom_op("attn::varlen_forward", mutates_args=())
+def varlen_forward_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor,
+    seqused_k: Optional[Tensor],
+    max_q: int,
+    max_k: int,
+    scale: Optional[float],
+    window_left: int,
+    window_right: int,
+    top_left: bool,
+    enable_gqa: bool,
+    grad_enabled: bool,
+) -> tuple[Tensor, Tensor]:
+    cq, ck, used = _checked_offsets(query, key, cu_seq_q, cu_seq_k, seqused_k, max_q, max_k)
+    out, lse = packed_forward(query, key, value, cq, ck, used, (window_left, window_right),
+                              top_left, scale, enable_gqa, grad_enabled)
+    return out, lse.contiguous()
+
+
+@varlen_forward_op.register_fake
+def _(query, key, value, *args):
+    Tq, Hq, _ = query.shape
+    ldt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return query.new_empty(Tq, Hq, value.shape[2]), query.new_empty(Hq, Tq, dtype=ldt)
+
+
+@torch.library.custom_op("attn::varlen_backward", mutates_args=())
+def varlen_backward_op(
+    grad_out: Tensor,
+    grad_lse: Optional[Tensor],
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor,
+    scale: Optional[float],
+    window_left: int,
+    window_right: int,
+    top_left: bool,
+    enable_gqa: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    cq = _check_offsets(cu_seq_q, "cu_seq_q", query.shape[0], query.device, "query")
+    ck = _check_offsets(cu_seq_k, "cu_seq_k", key.shape[0], query.device, "key")
+    return packed_backward(grad_out, grad_lse, query, key, value, out, lse, cq, ck,
+                           (window_left, window_right), top_left, scale, enable_gqa)
+
+
+@varlen_backward_op.register_fake
+def _(grad_out, grad_lse, query, key, value, *rest):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    query, key, value, cu_seq_q, cu_seq_k = inputs[:5]
+    scale, wl, wr, top_left, enable_gqa = inputs[8:13]
+    out, lse = output
+    ctx.save_for_backward(query, key, value, cu_seq_q, cu_seq_k, out, lse)
+    ctx.args = (scale, wl, wr, top_left, enable_gqa)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    query, key, value, cu_seq_q, cu_seq_k, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = varlen_backward_op(grad_out, grad_lse, query, key, value, out, lse,
+                                    cu_seq_q, cu_seq_k, *ctx.args)
+    return (dq, dk, dv) + (None,) * 11
+
+
+varlen_forward_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def _compiled_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
+                     scale, window_size, enable_gqa, seqused_k):
+    """varlen_attn while torch.compile traces: one attn::varlen_forward op."""
+    left, right = _check_window(window_size)
+    want_lse = _wants_lse(return_aux)
+    _check_seqused_grad(seqused_k, query, key, value)
+    _check_scale(scale)
+    out, lse = varlen_forward_op(query, key, value, cu_seq_q,
+                                 cu_seq_q if cu_seq_k is None else cu_seq_k, seqused_k,
+                                 max_q, max_k, None if scale is None else float(scale),
+                                 left, right, False, bool(enable_gqa),
+                                 torch.is_grad_enabled())
     return (out, lse) if want_lse else out
 
 
