@@ -76,6 +76,9 @@ class GpuBackend(Backend):
             problem.is_causal, problem.scale,
         )
 
+    def forward_dense(self, query, key, value, is_causal, scale):
+        return self._load().forward(query, key, value, None, is_causal, scale)
+
     def backward(self, problem, out, lse, grad_out, grad_lse):
         gpu = self._load()
         if problem.flex:

@@ -111,8 +111,12 @@ class _EagerSdpa(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale, backend):
-        problem = _problem(query, key, value, attn_mask, is_causal, scale)
-        out, lse = get_backend(backend).forward(problem)
+        be = get_backend(backend)
+        dense = getattr(be, "forward_dense", None) if attn_mask is None else None
+        if dense is not None:
+            out, lse = dense(query, key, value, is_causal, scale)
+        else:
+            out, lse = be.forward(_problem(query, key, value, attn_mask, is_causal, scale))
         ctx.save_for_backward(query, key, value, attn_mask, out, lse)
         ctx.is_causal, ctx.scale, ctx.backend = is_causal, scale, backend
         # Gradients of unused outputs arrive as None, not zero tensors: an lse nobody

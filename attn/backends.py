@@ -83,6 +83,14 @@ class Backend:
     def forward(self, problem: AttentionProblem):
         raise NotImplementedError
 
+    def forward_dense(self, query, key, value, is_causal: bool, scale: float):
+        """forward() of a validated call without attn_mask or FlexAttention arguments.
+        Backends whose kernels take tensors directly override it to skip building the
+        AttentionProblem (a few microseconds of a tiny call's host time)."""
+        from ._ops import _problem
+
+        return self.forward(_problem(query, key, value, None, is_causal, scale))
+
     def backward(self, problem, out, lse, grad_out, grad_lse):
         raise NotImplementedError
 
@@ -126,6 +134,11 @@ class CpuBackend(Backend):
             problem.query, problem.key, problem.value, problem.attn_mask,
             problem.is_causal, problem.scale,
         )
+
+    def forward_dense(self, query, key, value, is_causal, scale):
+        from . import cpu
+
+        return cpu.forward(query, key, value, None, is_causal, scale)
 
     def backward(self, problem, out, lse, grad_out, grad_lse):
         from . import cpu
@@ -198,6 +211,16 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+# Bumped whenever the registry changes: a cached automatic choice is valid only for
+# the registry it was made in (attn.functional's repeated-call path).
+_generation = [0]
+
+
+def selection_state():
+    """What an automatic or forced choice depends on besides the call itself."""
+    return _forced.get(), _generation[0]
+
+
 def list_backends() -> list[str]:
     """Names of the registered backends, in order of automatic preference."""
     return list(_REGISTRY)
@@ -230,6 +253,7 @@ def register_backend(name: str, backend, *, override: bool = False) -> None:
             "replace it"
         )
     _REGISTRY[name] = backend
+    _generation[0] += 1
 
 
 def unregister_backend(name: str) -> None:
@@ -237,6 +261,7 @@ def unregister_backend(name: str) -> None:
     if name not in _REGISTRY:
         raise _unknown(name)
     del _REGISTRY[name]
+    _generation[0] += 1
 
 
 @contextlib.contextmanager

@@ -30,7 +30,8 @@ from numba import cuda  # noqa: E402  (the only numba.cuda import of attn)
 from numba import float32, int32, uint64  # noqa: E402,F401
 
 __all__ = ["SIM", "cuda", "float32", "int32", "uint64", "available", "as_kernel_array",
-           "launch", "int_as_float", "float_as_int", "fast_exp", "ld4"]
+           "launch", "int_as_float", "float_as_int", "fast_exp", "ld4", "capture", "bind",
+           "Bound"]
 
 
 if SIM:
@@ -264,6 +265,107 @@ class _FastLaunch:
             raise RuntimeError(f"attn.gpu: cuLaunchKernel failed with CUresult {r}")
 
 
+class Bound:
+    """One launch with every argument but a few tensor pointers frozen: the parameter
+    buffer is packed once, and a call writes only the pointer words of the tensors
+    that change per call (q, k, v, out, lse), then calls cuLaunchKernel. This is the
+    repeated-call path: packing ~70 words in Python per call was about half of
+    attn.gpu.forward's host time (bench/NOTES.md, G6).
+
+    The frozen tensors (block lists, dummies) are referenced here, so their device
+    memory outlives any cache that created them."""
+
+    __slots__ = ("buf", "params_arg", "slots", "handle", "grid", "block", "shmem",
+                 "fn", "keep")
+
+    def __init__(self, fast: "_FastLaunch", grid, block, shmem, args, dynamic):
+        # Word 4 of an array's 7 is its data pointer. A dynamic tensor may fill several
+        # slots (q is k in self-attention): record every one.
+        vals, slots, w = [], [], 0
+        for kind, a in zip(fast.layout, args):
+            if kind == "a":
+                n = _extent(a) or 1
+                isz = a.element_size()
+                vals += (0, 0, n, isz, a.data_ptr(), n, isz)
+                j = dynamic.get(id(a))
+                if j is not None:
+                    slots.append((j, w + 4))
+                w += 7
+            else:
+                vals.append(a)
+                w += 1
+        import ctypes
+
+        n = fast.struct.size // 8
+        self.buf = (ctypes.c_int64 * n)()
+        fast.struct.pack_into(self.buf, 0, *vals)
+        base = ctypes.addressof(self.buf)
+        # Keep the frozen tensors alive, never the per-call ones (they may be large).
+        frozen = tuple(a for a in args
+                       if isinstance(a, torch.Tensor) and id(a) not in dynamic)
+        self.keep = ((ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)]), frozen)
+        self.params_arg = ctypes.cast(self.keep[0], ctypes.c_void_p)
+        self.slots = tuple(slots)
+        self.handle, self.fn = fast.handle, fast.cuLaunchKernel
+        self.grid, self.block, self.shmem = grid, block, shmem
+
+    def __call__(self, ptrs, device_index):
+        buf = self.buf
+        for j, s in self.slots:
+            buf[s] = ptrs[j]
+        gx, gy = self.grid
+        r = self.fn(self.handle, gx, gy, 1, self.block, 1, 1, self.shmem,
+                    _stream_handle(device_index), self.params_arg, None)
+        if r != 0:
+            raise RuntimeError(f"attn.gpu: cuLaunchKernel failed with CUresult {r}")
+
+
+class _Capture:
+    """Records the launches made inside a ``with capture():`` block (this thread)."""
+
+    def __init__(self):
+        import threading
+
+        self.local = threading.local()
+
+    def __enter__(self):
+        self.local.launches = []
+        return self.local.launches
+
+    def __exit__(self, *exc):
+        self.local.launches = None
+        return False
+
+    def record(self, item):
+        launches = getattr(self.local, "launches", None)
+        if launches is not None:
+            launches.append(item)
+
+
+_capture = _Capture()
+
+
+def capture():
+    """Context manager yielding the list of (kernel, grid, block, shmem, args) of the
+    launches made inside it."""
+    return _capture
+
+
+def bind(kernel, grid, block, shmem, args, dynamic_tensors):
+    """A Bound launcher for ``kernel`` with ``args``, where the tensors in
+    ``dynamic_tensors`` (by identity) are replaced per call; None when the fast
+    launcher is unavailable (simulator, other numba-cuda ABI)."""
+    if SIM:
+        return None
+    p = _prepared.get(id(kernel))
+    if p is None or p.fast is None or not p.fast.used:
+        return None
+    dynamic = {}
+    for j, t in enumerate(dynamic_tensors):
+        dynamic.setdefault(id(t), j)
+    return Bound(p.fast, grid, block, shmem, args, dynamic)
+
+
 _launch_fn = None
 
 
@@ -386,6 +488,7 @@ def launch(kernel, grid, block, args, device_index=None, shmem=0):
     p = _prepared.get(id(kernel))
     if p is None or p.shmem < shmem:
         p = prepare(kernel, args, shmem)
+    _capture.record((kernel, grid, block, shmem, args))
     fast = p.fast
     if fast is not None:
         try:
