@@ -45,6 +45,7 @@ compare-and-select per load, which unsigned indices skip.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -60,7 +61,11 @@ POS_INF = np.float32(np.inf)
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 U = uint64
-_JIT = dict(cache=not SIM)
+# ATTN_GPU_LINEINFO=1 (python -m attn.profile --lineinfo) compiles the kernels with
+# source line info for Nsight Compute's source view. Numba's disk-cache key does not
+# include the option, so those builds bypass the cache (in both directions).
+LINEINFO = os.environ.get("ATTN_GPU_LINEINFO", "0").strip() == "1" and not SIM
+_JIT = dict(cache=not SIM and not LINEINFO, **({"lineinfo": True} if LINEINFO else {}))
 
 
 @dataclass(frozen=True)
