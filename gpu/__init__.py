@@ -17,6 +17,7 @@ attn.gpu only when the gpu backend is asked to run.
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -25,7 +26,7 @@ from attn._blocks import dense_block_classes
 
 from . import _cuda
 from ._cuda import SIM, launch
-from . import _kernels
+from . import _kernels, _mma
 
 __all__ = ["SIM", "available", "forward", "backward", "tilings", "Tiling", "GpuMods",
            "flex_reasons"]
@@ -267,12 +268,98 @@ def _mask_args(m, device):
     return m, _strides4(m)
 
 
+class _Repeats:
+    """Bound launches of repeated dense calls (no mask, no flex), one entry per key of
+    everything the launches depend on besides the data pointers.
+
+    The first call with a key records its launches (``_cuda.capture``); the second
+    compares them with the first: when the kernels, launch shapes, scalars and every
+    frozen tensor argument (block lists, dummies: cached device tensors) are the same
+    objects, it binds them (``_cuda.bind``), leaving only the per-call tensors' pointers
+    to fill. Any difference (a cache evicted meanwhile) records again instead."""
+
+    def __init__(self, maxsize: int = 1024):
+        self.plans: dict = {}
+        self.maxsize = maxsize
+
+    def get(self, key):
+        p = self.plans.get(key)
+        return None if p is None else p[1]
+
+    def learn(self, key, launches, dyn):
+        seen = tuple((kern, grid, block, shmem,
+                      tuple((i, a) for i, a in enumerate(args)
+                            if not any(a is t for t in dyn)))
+                     for kern, grid, block, shmem, args in launches)
+        p = self.plans.get(key)
+        if p is None:
+            if len(self.plans) >= self.maxsize:
+                self.plans.clear()
+            self.plans[key] = [seen, None]
+            return
+        if not launches or not _same_launches(p[0], seen):
+            p[0] = seen
+            return
+        bound = tuple(_cuda.bind(kern, grid, block, shmem, args, dyn)
+                      for kern, grid, block, shmem, args in launches)
+        if all(b is not None for b in bound):
+            p[1] = bound
+
+
+def _same_launches(a, b) -> bool:
+    if len(a) != len(b):
+        return False
+    for (k1, g1, b1, s1, f1), (k2, g2, b2, s2, f2) in zip(a, b):
+        if k1 is not k2 or g1 != g2 or b1 != b2 or s1 != s2 or len(f1) != len(f2):
+            return False
+        for (i, x), (j, y) in zip(f1, f2):
+            if i != j or (x is not y if isinstance(x, torch.Tensor) else x != y):
+                return False
+    return True
+
+
+_FWD_REPEATS = _Repeats()
+_BWD_REPEATS = _Repeats()
+
+
+def _dense_key(q, k, v, is_causal, scale, *more):
+    # The aliasing pattern is part of the key: a bound launch writes q's pointer into
+    # every slot q filled when it was bound.
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype,
+            k.dtype, v.dtype, q.device, bool(is_causal), scale, q is k, k is v, q is v,
+            *more)
+
+
 def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, flex=None):
     """out (dtype of q) and lse (float32, natural log, (B, Hq, Lq)).
 
     ``flex`` (attn's FlexAttention path): an object with ``block_mask`` (attn BlockMask
     or None = dense), ``mask_mod`` and ``score_mod`` (attn._modgen CompiledMods or
-    None)."""
+    None).
+
+    A dense call (no mask, no flex) repeated with the same shapes, strides, dtypes,
+    device, causality and scale costs two allocations and one bound cuLaunchKernel
+    (``_Repeats``)."""
+    if attn_mask is not None or flex is not None or tiling is not None or SIM:
+        return _forward(q, k, v, attn_mask, is_causal, scale, tiling, flex)
+    key = _dense_key(q, k, v, is_causal, scale)
+    bound = _FWD_REPEATS.get(key)
+    if bound is not None:
+        B, Hq, Lq = q.shape[:3]
+        out = q.new_empty((B, Hq, Lq, v.shape[3]))
+        lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
+        idx = q.device.index
+        for b in bound:
+            b(ptrs, idx)
+        return out, lse
+    with _cuda.capture() as launches:
+        out, lse = _forward(q, k, v, None, is_causal, scale, None, None)
+    _FWD_REPEATS.learn(key, launches, (q, k, v, out, lse))
+    return out, lse
+
+
+def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, flex=None):
     _check(q, k, v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -283,13 +370,13 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, f
         return out, lse
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
     mods, bufs = _flex_args(flex, q.device)
-    kern, grid, threads, shmem, lists = _fwd_plan(
+    bs = None if flex is None or flex.block_mask is None else flex.block_mask.BLOCK_SIZE
+    kern, grid, threads, shmem, lists, rows, cols = _fwd_plan(
         q.dtype, D, Dv, B, Hq, Lq, Lk, bool(is_causal), m is not None, q.device, tiling,
-        mods)
+        mods, bs)
     lb = lh = 0
-    if flex is not None and flex.block_mask is not None:
-        t = tiling or tilings(D, Dv)["fwd"]
-        lists, _, (lb, lh), _ = _flex_lists(flex, t.rows, t.cols, q.device)
+    if bs is not None:
+        lists, _, (lb, lh), _ = _flex_lists(flex, rows, cols, q.device)
     marr, ms = _mask_args(m, q.device)
     args = (
         q, k, v,
@@ -302,26 +389,51 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, f
     return out, lse
 
 
+def mma_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
+    """Why a forward runs the SIMT kernel instead of the tensor-core one (gpu/_mma.py,
+    float16/bfloat16): empty when the tensor-core kernel serves it."""
+    r = _mma.reasons(_KIND[dtype], D, Dv)
+    if tiling is not None:
+        r.append("an explicit SIMT tiling was asked for")
+    if block_size is not None:
+        BM, BN = _mma.tile(D, Dv)
+        if block_size[0] % BM or block_size[1] % BN:
+            r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
+                     f"tensor-core kernel's {BM}x{BN} tiles")
+    return r
+
+
 @lru_cache(maxsize=1024)
-def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=None):
+def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=None,
+              block_size=None):
     """Everything about a forward launch that depends only on the shapes: the compiled
-    kernel, grid, block, shared memory and the kv-block lists (on the device). Cached,
-    so a repeated call costs one dictionary lookup here."""
-    t = tiling or tilings(D, Dv)["fwd"]
+    kernel, grid, block, shared memory, the kv-block lists (on the device) and the
+    kernel's (rows, cols) tile. Cached, so a repeated call costs one dictionary lookup
+    here. float16/bfloat16 take the tensor-core kernel where mma_reasons allows."""
+    if not mma_reasons(dtype, D, Dv, tiling, block_size):
+        rows, cols = _mma.tile(D, Dv)
+        kern = _mma.forward_kernel(_KIND[dtype], D, Dv, causal, masked, mods)
+        threads = _mma.threads(D, Dv)
+        shmem = _mma.shared_bytes(D, Dv, masked or mods is not None)
+    else:
+        t = tiling or tilings(D, Dv)["fwd"]
+        rows, cols = t.rows, t.cols
+        kern = _kernels.forward_kernel(_KIND[dtype], D, Dv, t, causal, masked, mods)
+        threads, shmem = t.threads, _shmem("fwd", t, D, Dv)
     (kvf_n, kvf_i, kvp_n, kvp_i, ncols), _ = _dense_lists(
-        Lq, Lk, t.rows, t.cols, causal, masked, device)
-    kern = _kernels.forward_kernel(_KIND[dtype], D, Dv, t, causal, masked, mods)
-    return (kern, (-(-Lq // t.rows), B * Hq), t.threads, _shmem("fwd", t, D, Dv),
-            (kvf_n, kvf_i, kvp_n, kvp_i, ncols))
+        Lq, Lk, rows, cols, causal, masked, device)
+    return (kern, (-(-Lq // rows), B * Hq), threads, shmem,
+            (kvf_n, kvf_i, kvp_n, kvp_i, ncols), rows, cols)
 
 
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
              is_causal=False, scale=None, tiling=None, flex=None):
-    """dq, dk, dv in the input dtypes. grad_lse (optional) is the gradient reaching lse."""
+    """dq, dk, dv in the input dtypes. grad_lse (optional) is the gradient reaching lse.
+
+    Repeated dense calls bind their two launches as forward() does (``_Repeats``)."""
     _check(q, k, v)
     B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    Lk = k.shape[2]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -334,6 +446,57 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
         delta = delta - grad_lse.float()
     delta = delta.contiguous()
     lse = lse.float().contiguous()
+    # dQ by float32 atomics from the dK/dV kernel (one launch, 5 tile products per block
+    # pair) unless PyTorch's deterministic mode asks for bitwise-reproducible results:
+    # then the separate dQ kernel (7 products, no atomics). ATTN_GPU_BWD overrides.
+    atomic = _atomic_dq()
+    dqa = None
+    if atomic:
+        dqa = dq.zero_() if q.dtype == torch.float32 else torch.zeros(
+            q.shape, dtype=torch.float32, device=q.device)
+    if attn_mask is not None or flex is not None or tiling is not None or SIM:
+        _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, scale,
+                  tiling, flex, dqa)
+    else:
+        key = _dense_key(q, k, v, is_causal, scale, grad_out.shape, grad_out.stride(),
+                         grad_out is q, grad_out is k, grad_out is v, atomic)
+        bound = _BWD_REPEATS.get(key)
+        dyn = (q, k, v, grad_out, lse, delta, dq, dk, dv, dqa if dqa is not None else dq)
+        if bound is not None:
+            ptrs = tuple(t.data_ptr() for t in dyn)
+            idx = q.device.index
+            for b in bound:
+                b(ptrs, idx)
+        else:
+            with _cuda.capture() as launches:
+                _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, None, is_causal,
+                          scale, None, None, dqa)
+            _BWD_REPEATS.learn(key, launches, dyn)
+    if dqa is not None and dqa is not dq:
+        dq.copy_(dqa)
+    return dq, dk, dv
+
+
+_BWD_MODES = ("auto", "atomic", "split")
+
+
+def _atomic_dq() -> bool:
+    mode = os.environ.get("ATTN_GPU_BWD", "auto").strip().lower() or "auto"
+    if mode not in _BWD_MODES:
+        raise ValueError(f"ATTN_GPU_BWD={mode!r}: expected one of {list(_BWD_MODES)}")
+    if mode == "auto":
+        return not torch.are_deterministic_algorithms_enabled()
+    return mode == "atomic"
+
+
+def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, scale,
+              tiling, flex, dqa=None):
+    """The launches of the backward into dq, dk, dv, given the float32 lse and delta:
+    dK/dV over kv blocks, then dQ over q blocks; or, with ``dqa`` (a zeroed float32
+    accumulator), dK/dV with dQ added into dqa by atomics, one launch."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
     kind = _KIND[q.dtype]
     ts = tiling or tilings(D, Dv)
@@ -357,13 +520,16 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     else:
         _, (qf_n, qf_i, qp_n, qp_i, ncols) = _dense_lists(Lq, Lk, BM, BN, causal,
                                                           m is not None, q.device)
-    kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None, mods)
+    kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None, mods,
+                                dqa is not None)
     launch(kern, (-(-Lk // BN), B * Hkv), t.threads, (
-        *common, dk, dv, *strides,
+        *common, dk, dv, dqa if dqa is not None else _dummy(q.device), *strides,
         *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Lq, Lk, scale,
         qf_n, qf_i,
         qp_n, qp_i, ncols, lb, lh, *bufs,
     ), q.device.index, _shmem("dkdv", t, D, Dv))
+    if dqa is not None:
+        return
 
     t = ts["dq"]
     BM, BN = t.rows, t.cols
@@ -381,4 +547,3 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
         kf_n, kf_i,
         kp_n, kp_i, ncols, lb, lh, *bufs,
     ), q.device.index, _shmem("dq", t, D, Dv))
-    return dq, dk, dv

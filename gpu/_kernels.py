@@ -710,11 +710,20 @@ def _forward_kernel_v4(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK
 
 # ----------------------------------------------------------------------- backward --
 @lru_cache(maxsize=None)
-def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool, mods=None):
-    mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
+def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool, mods=None,
+                ATOMIC_DQ: bool = False):
     """One CTA per (kv block of t.rows keys, batch * kv head); loops over the query
     heads of the kv group and the q blocks (t.cols queries) that see this kv block.
-    dV = sum_i P_ij dO_i, dK = scale * sum_i dS_ij q_i, dS = P * (dO.v - delta)."""
+    dV = sum_i P_ij dO_i, dK = scale * sum_i dS_ij q_i, dS = P * (dO.v - delta).
+
+    ATOMIC_DQ: also dQ_i += scale * sum_j dS_ij k_j for the block pair, added into the
+    float32 (B, Hq, Lq, D) accumulator ``dqa`` with atomics. dS is already in shared
+    memory, so this costs one tile product where the separate dQ kernel recomputes S
+    and dP (three): the backward does 5 tile products per block pair instead of 7. The
+    order of the atomic additions varies between runs, so dQ is not bitwise
+    reproducible; the launcher takes this path only when PyTorch's deterministic mode
+    is off, as PyTorch does for its flash backward."""
+    mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
     st = _storer(kind)
     TX, TY, RM, RN = t.TX, t.TY, t.RM, t.RN
     BN, BM, NT = t.rows, t.cols, t.threads
@@ -731,12 +740,19 @@ def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool,
     vo = _mm_nt(RM, RN, TY, TX, Dv, LDV, LDV)
     pdo = _mm_nn(RM, RDV, TY, TX, BM, LDP, LDV)
     dsq = _mm_nn(RM, RDK, TY, TX, BM, LDP, LDQ)
+    # dQ tile (BM queries x D): thread (ty, tx) holds queries ty + TY*i and columns
+    # tx + TX*j; A = dS^T read down its columns (k = key row), B = the K tile.
+    if ATOMIC_DQ and BM % TY:
+        raise ValueError(f"ATOMIC_DQ needs t.cols ({BM}) to be a multiple of TY ({TY})")
+    RQ = max(BM // TY, 1)
+    dsk = _mm(RQ, RDK, BN, TY, TX, LDP, LDQ)
     zero_s = _zero(RM, RN)
     zero_k = _zero(RM, RDK)
     zero_v = _zero(RM, RDV)
+    zero_q = _zero(RQ, RDK)
 
     @cuda.jit(**_JIT)
-    def dkdv(q, k, v, do, lse, delta, mask, dk, dv,
+    def dkdv(q, k, v, do, lse, delta, mask, dk, dv, dqa,
              qs_b, qs_h, qs_l, qs_d, ks_b, ks_h, ks_l, ks_d,
              vs_b, vs_h, vs_l, vs_d, gs_b, gs_h, gs_l, gs_d,
              ms_b, ms_h, ms_q, ms_k,
@@ -757,6 +773,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool,
         dp = cuda.local.array((RM, RN), float32)
         dka = cuda.local.array((RM, RDK), float32)
         dva = cuda.local.array((RM, RDV), float32)
+        dqt = cuda.local.array((RQ, RDK), float32)
 
         # K carries the softmax scale: S^T = (scale*K) Q^T; dK is rescaled at the end.
         stage_k(sm, OK, k, b * ks_b + hk * ks_h, n0, ks_l, ks_d, Lk, float32(scale), tid)
@@ -833,6 +850,18 @@ def dkdv_kernel(kind: str, D: int, Dv: int, t: Tiling, CAUSAL: bool, MASK: bool,
                 cuda.syncthreads()  # P and dS complete
                 pdo(dva, sm, OP, ty, OO, tx)
                 dsq(dka, sm, OS, ty, OQ, tx)
+                if ATOMIC_DQ:
+                    # K was staged times scale, so dS (scale K) is dQ's share.
+                    zero_q(dqt)
+                    dsk(dqt, sm, OS + ty, OK + tx)
+                    for i in range(RQ):
+                        qm = m0 + ty + TY * i
+                        if qm < Lq:
+                            base = (rbase + qm) * D
+                            for j in range(RDK):
+                                d = tx + TX * j
+                                if d < D:
+                                    cuda.atomic.add(dqa, base + d, dqt[i, j])
 
         for i in range(RM):
             kn = n0 + ty + TY * i

@@ -6,7 +6,8 @@ process with the variable set, and the CPU tests in the same pytest run are unto
 The simulator runs each CUDA thread as a Python thread on host arrays, so shapes are
 tiny: L in {1, 17, 33}, D in {8, 16}, causal and not, GQA, masks, transposed inputs;
 forward (out, lse) and backward (dq, dk, dv, with a gradient on lse too) against
-attn.reference in float64.
+attn.reference in float64; the backward with dQ by atomics (default) and with the
+deterministic separate dQ kernel.
 
 Covered only on a real GPU (tests/test_gpu.py, marker ``gpu``): bfloat16 (its bit
 conversion uses libdevice, which the simulator lacks), float16 arithmetic as the GPU
@@ -93,10 +94,16 @@ _SCRIPT = textwrap.dedent(
         (1, 2, 2, 33, 33, 16, 16, True, None, True, torch.float16, 104),
     ]
     worst = {}
-    for c in cases:
+    for c in cases:  # dQ by atomics from the dK/dV kernel (the default)
         for n, e in case(*c).items():
             worst[n] = max(worst.get(n, 0.0), e)
-    print("OK", len(cases), "cases; worst abs errors:", worst)
+    # The deterministic schedule (separate dQ kernel), as under
+    # torch.use_deterministic_algorithms(True).
+    os.environ["ATTN_GPU_BWD"] = "split"
+    for c in cases[5:8] + cases[-5:]:
+        for n, e in case(*c).items():
+            worst[n] = max(worst.get(n, 0.0), e)
+    print("OK", len(cases) + 8, "cases; worst abs errors:", worst)
     """
 )
 

@@ -6,7 +6,7 @@
 set -u
 out=${1:-/tmp/gpu-tests}
 mkdir -p "$out"
-shards=("head_dims" "lengths" "low_precision and float16" "low_precision and bfloat16"
+shards=("head_dims and False" "head_dims and True" "lengths" "low_precision and False" "low_precision and True"
         "not head_dims and not lengths and not low_precision")
 pids=()
 for i in "${!shards[@]}"; do

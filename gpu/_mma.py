@@ -1,0 +1,436 @@
+"""Tensor-core (mma.sync m16n8k16) FlashAttention-2 forward for float16/bfloat16 inputs.
+
+The same kernel contract and argument list as the SIMT forward in gpu/_kernels.py (so
+the launcher, the kv-block lists of dense/causal/block-mask/jagged calls, the mods and
+the attn_mask path are shared); only the inner products, the tile staging and the
+softmax bookkeeping differ.
+
+CTA: NW warps, BLOCK_M = 16*NW query rows (16 per warp), BLOCK_N keys per kv block.
+
+* Q (BLOCK_M x D) is copied once to shared memory (cp.async, 16 bytes per copy) and
+  read into A fragments (ldmatrix.x4) kept in registers for the whole kv loop.
+* K and V tiles (BLOCK_N x D, BLOCK_N x Dv) are double-buffered in shared memory: the
+  copies of kv block it+1 are issued before block it is computed, so global latency
+  hides behind the tensor-core work of the current block.
+* S = Q K^T: per warp a 16 x BLOCK_N f32 accumulator (BLOCK_N/8 m16n8 tiles, four
+  floats each per lane), B fragments of K by ldmatrix (K's row-major (key, dim) tile is
+  the column-major B that the .row.col mma takes).
+* Online softmax in the log2 domain (scale*log2(e) folded into one multiply, exp2 on
+  the MUFU unit); a fragment row lives in the four lanes 4g..4g+3, so the row max is
+  two butterfly shuffles. The row sum stays per lane until the end (as in FA-2).
+* O += P V: P's f32 accumulators rounded to the input type are already the A
+  fragments of the P.V product (the C layout of two adjacent m16n8 tiles is the A
+  layout of one m16k16 tile), V's B fragments come from ldmatrix.trans of its
+  row-major tile. O stays in registers (16 x Dv per warp).
+* Shared rows are padded by 8 elements (16 bytes): the 8 row addresses of one
+  ldmatrix matrix then start 4 banks apart and cover all 32 banks (no conflicts).
+
+Rows past Lq and keys past Lk are zero-filled in shared memory (cp.async's src-size
+operand); keys past Lk, causal and mask_mod exclusions are -inf in S. A row that sees
+no key keeps m = -inf and gives out 0, lse -inf.
+
+Tiles are copied 16 bytes at a time (cp.async) when a slice's head dim is contiguous
+and its rows 16-byte aligned, which the kernel checks on the actual addresses; other
+layouts are staged by plain element loads through the strides (same kernel).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import namedtuple
+from functools import lru_cache
+
+import numpy as np
+
+from ._cuda import SIM, cuda, float32, int32
+from ._kernels import _block_at, _hooks, _storer
+from ._ptx import SCRATCH_WORDS, gaddr, ops
+
+__all__ = ["forward_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
+
+NEG_INF = np.float32(-np.inf)
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+LOG2E = np.float32(1.4426950408889634)
+LN2 = np.float32(0.6931471805599453)
+_JIT = dict(cache=not SIM)
+
+# Tile configurations (warps, m16 tiles per warp, keys per kv block, Q fragments in
+# registers). Two m16 tiles per warp use every K/V fragment read from shared memory
+# twice (half the ldmatrix traffic per mma, and half the K/V copies per flop);
+# at D = 128 that needs Q re-read from shared memory each kv block (its fragments
+# would not fit beside 2 x 16 x 128 accumulators). bench/NOTES.md (G7) has the
+# measurements. The simulator runs every thread as a Python thread: two warps and
+# 16-key blocks still give several q and kv blocks at L = 33.
+Config = namedtuple("Config", "NW MT BN QREG")
+_CONFIGS = {64: Config(4, 1, 64, True), 128: Config(4, 1, 64, True)}
+_SIM_CONFIG = Config(2, 1, 16, True)
+_env = os.environ.get("ATTN_GPU_MMA_CONFIG", "")
+if _env:  # tuning knob for bench/device/mma_check.py: "64:4,2,64,1;128:4,2,64,0"
+    for part in _env.split(";"):
+        dd, vals = part.split(":")
+        _CONFIGS[int(dd)] = Config(*(int(x) for x in vals.split(",")))
+MAX_D = 128
+
+
+def config(D: int, Dv: int) -> Config:
+    if SIM:
+        return _SIM_CONFIG
+    w = max(D, Dv)
+    for lim in sorted(_CONFIGS):
+        if w <= lim:
+            return _CONFIGS[lim]
+    return _CONFIGS[max(_CONFIGS)]
+
+
+def threads(D: int, Dv: int) -> int:
+    return 32 * config(D, Dv).NW
+
+
+def tile(D: int, Dv: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the kernel for head dims D, Dv."""
+    c = config(D, Dv)
+    return 16 * c.NW * c.MT, c.BN
+
+
+def reasons(kind: str, D: int, Dv: int) -> list[str]:
+    """Why the tensor-core forward cannot run these head dims / dtype (empty if it can);
+    the launcher then uses the SIMT forward."""
+    r = []
+    if kind not in ("f16", "bf16"):
+        r.append(f"{kind} inputs use the SIMT kernels (no TF32 path)")
+    if D % 16 or Dv % 16:
+        r.append(f"head dims {D}/{Dv} are not multiples of 16 (the mma k-step)")
+    if max(D, Dv) > MAX_D:
+        r.append(f"head dims above {MAX_D} would not keep Q and O in registers")
+    return r
+
+
+def shared_bytes(D: int, Dv: int, mods: bool = False) -> int:
+    """Dynamic shared memory of a CTA: Q, two K and two V buffers (bf16/f16 elements,
+    rows padded by 8), plus a float32 copy of S for calls with mods or attn_mask."""
+    BM, BN = tile(D, Dv)
+    n = 2 * (BM * (D + 8) + 2 * BN * (D + 8) + 2 * BN * (Dv + 8))
+    return n + (4 * BM * BN if mods else 0)
+
+
+@cuda.jit(device=True, inline=True)
+def _fmax(a, b):
+    # (the max builtin fails to type for two float32 values in this numba-cuda)
+    return a if a > b else b
+
+
+@lru_cache(maxsize=None)
+def _loader(ROWS: int, W: int, LD: int, NTH: int, kind: str, cp16):
+    """Copy rows r0..r0+ROWS (W elements each) of one (batch, head) slice into the
+    shared tile at ``off`` (leading dimension LD); rows at or past L become zeros.
+    ``vec`` (decided per CTA, see ``vec_ok``): 16-byte cp.async per 8 elements; else
+    element loads through the strides (synchronous)."""
+    W8 = W // 8
+    NCH = ROWS * W8
+    CH = -(-NCH // NTH)
+    NE = ROWS * W
+    CHE = -(-NE // NTH)
+
+    @cuda.jit(device=True, inline=True)
+    def load(sm, off, a, base, r0, s_l, s_d, L, tid, vec):
+        if vec:
+            for i in range(CH):
+                c = tid + i * NTH
+                if NCH % NTH == 0 or c < NCH:
+                    r = c // W8
+                    cc = c - r * W8
+                    rr = r0 + r
+                    ok = rr < L
+                    g = base
+                    if ok:
+                        g = base + rr * s_l + cc * 8
+                    cp16(sm, off + r * LD + cc * 8, a, g, ok)
+        else:
+            for i in range(CHE):
+                e = tid + i * NTH
+                if NE % NTH == 0 or e < NE:
+                    r = e // W
+                    d = e - r * W
+                    rr = r0 + r
+                    if rr < L:
+                        sm[off + r * LD + d] = a[base + rr * s_l + d * s_d]
+                    else:
+                        # (an integer 0: Numba cannot emit a float16 constant)
+                        sm[off + r * LD + d] = 0
+
+    return load
+
+
+@cuda.jit(device=True, inline=True)
+def vec_ok(a, base, s_l, s_d):
+    """Rows of a (batch, head) slice can be copied 16 bytes at a time: contiguous head
+    dim, 16-byte aligned first row and row stride. Checked in the kernel (per CTA, on
+    the actual addresses) so that any view, however offset, is served correctly
+    whatever plan or bound launch the host reuses."""
+    return s_d == 1 and (s_l & 7) == 0 and (gaddr(a, base) & 15) == 0
+
+
+@lru_cache(maxsize=None)
+def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None):
+    """The tensor-core forward for one specialisation; same arguments as
+    _kernels.forward_kernel's kernels."""
+    if reasons(kind, D, Dv):
+        raise ValueError("; ".join(reasons(kind, D, Dv)))
+    mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
+    o_ = ops(kind)
+    frag_a, frag_b2, frag_bt2, mma = o_.frag_a, o_.frag_b2, o_.frag_bt2, o_.mma
+    quad_max, quad_sum, pack, exp2 = o_.quad_max, o_.quad_sum, o_.pack, o_.exp2
+    commit, wait_all, wait_one = o_.commit, o_.wait_all, o_.wait_one
+    st = _storer(kind)
+    from numba.core import types
+
+    ELT = types.float16 if kind == "f16" else types.int16
+
+    NW, MT, BN, QREG = config(D, Dv)
+    BM = 16 * NW * MT
+    NTH = 32 * NW
+    LDQ, LDV = D + 8, Dv + 8
+    KD = D // 16       # k-steps of S = Q K^T
+    NTS = BN // 8      # m16n8 tiles of S per warp
+    KV = BN // 16      # k-steps of O += P V
+    NTO = Dv // 8      # m16n8 tiles of O per warp
+    NS, NO = 4 * NTS, 4 * NTO  # S and O registers per lane and m16 tile
+    MNS, MNO, MR = MT * NS, MT * NO, 2 * MT  # ... over the warp's m16 tiles; row slots
+    NPA = 4 * MT  # P fragment registers
+    NQF = MT * 4 * KD if QREG else MT * 4  # Q fragment registers
+    OQ = 0
+    OK0 = BM * LDQ
+    KSZ = BN * LDQ
+    OV0 = OK0 + 2 * KSZ
+    VSZ = BN * LDV
+    SCR = SCRATCH_WORDS(NW)
+    MODS = MASK or MASKMOD or SCORE
+    OMF = (OV0 + 2 * VSZ) // 2  # float32 offset of the mods' S scratch
+    load_q = _loader(BM, D, LDQ, NTH, kind, o_.cp16)
+    load_k = _loader(BN, D, LDQ, NTH, kind, o_.cp16)
+    load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
+
+    @cuda.jit(**_JIT)
+    def fwd(q, k, v, o, lse, mask,
+            qs_b, qs_h, qs_l, qs_d, ks_b, ks_h, ks_l, ks_d,
+            vs_b, vs_h, vs_l, vs_d, os_b, os_h, os_l, os_d,
+            ms_b, ms_h, ms_q, ms_k,
+            Hq, G, Lq, Lk, scale,
+            kvf_num, kvf_idx, kvp_num, kvp_idx, ncols, lb, lh, x0, x1, x2, x3):
+        # Heaviest q blocks first (causal: the last rows see the most keys), so the
+        # tail of the grid is short blocks.
+        qb = cuda.gridDim.x - 1 - cuda.blockIdx.x
+        bh = cuda.blockIdx.y
+        b = bh // Hq
+        h = bh - b * Hq
+        hk = h // G
+        tid = cuda.threadIdx.x
+        w = tid >> 5
+        lane = tid & 31
+        g = lane >> 2
+        t = lane & 3
+        m0 = qb * BM
+
+        sm = cuda.shared.array(0, ELT)
+        scr = cuda.shared.array(SCR, float32)
+        smf = cuda.shared.array(0, float32)  # the same dynamic shared memory
+        qf = cuda.local.array(NQF, int32)
+        pa = cuda.local.array(NPA, int32)
+        s = cuda.local.array(MNS, float32)
+        acc = cuda.local.array(MNO, float32)
+        # Per row slot r = 2*mt + half (rows 16*(MT*w + mt) + g + 8*half of the block):
+        # running max (log2 units), per-lane sum, and per-block scratch.
+        m_r = cuda.local.array(MR, float32)
+        l_r = cuda.local.array(MR, float32)
+        x_r = cuda.local.array(MR, float32)
+        y_r = cuda.local.array(MR, float32)
+        lim = cuda.local.array(MR, int32)
+
+        sl2 = float32(scale) * LOG2E
+        sc = float32(scale)
+        kbase = b * ks_b + hk * ks_h
+        vbase = b * vs_b + hk * vs_h
+        mbase = b * ms_b + h * ms_h
+        lr = b * lb + h * lh + qb
+        nf = kvf_num[lr]
+        nt = nf + kvp_num[lr]
+        rw = m0 + 16 * MT * w + g  # row of slot 0
+        OQW = OQ + 16 * MT * w * LDQ  # this warp's Q rows
+
+        qbase = b * qs_b + h * qs_h
+        vq = vec_ok(q, qbase, qs_l, qs_d)
+        vk = vec_ok(k, kbase, ks_l, ks_d)
+        vv = vec_ok(v, vbase, vs_l, vs_d)
+        load_q(sm, OQ, q, qbase, m0, qs_l, qs_d, Lq, tid, vq)
+        commit()
+        if nt > 0:
+            n0 = _block_at(0, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+            load_k(sm, OK0, k, kbase, n0, ks_l, ks_d, Lk, tid, vk)
+            load_v(sm, OV0, v, vbase, n0, vs_l, vs_d, Lk, tid, vv)
+        commit()
+        wait_one()  # Q has landed (groups complete in order)
+        cuda.syncthreads()
+        if QREG:
+            for f in range(MT * KD):
+                mt = f // KD
+                kk = f - mt * KD
+                qf[4 * f], qf[4 * f + 1], qf[4 * f + 2], qf[4 * f + 3] = frag_a(
+                    sm, OQW + 16 * mt * LDQ + 16 * kk, LDQ)
+        for j in range(MNO):
+            acc[j] = ZERO
+        for r in range(MR):
+            m_r[r] = NEG_INF
+            l_r[r] = ZERO
+
+        for it in range(nt):
+            buf = it & 1
+            n0 = _block_at(it, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+            if it + 1 < nt:
+                # Prefetch block it+1 into the other buffer: free since the barrier at
+                # the end of iteration it-1.
+                n1 = _block_at(it + 1, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+                load_k(sm, OK0 + (1 - buf) * KSZ, k, kbase, n1, ks_l, ks_d, Lk, tid, vk)
+                load_v(sm, OV0 + (1 - buf) * VSZ, v, vbase, n1, vs_l, vs_d, Lk, tid, vv)
+                commit()
+                wait_one()
+            else:
+                wait_all()
+            # Barrier: every thread's copies of block it are visible.
+            cuda.syncthreads()
+            okb = OK0 + buf * KSZ
+            ovb = OV0 + buf * VSZ
+
+            # S = Q K^T: each K fragment pair serves the warp's MT m16 tiles.
+            for j in range(MNS):
+                s[j] = ZERO
+            for kk in range(KD):
+                if not QREG:
+                    for mt in range(MT):
+                        qf[4 * mt], qf[4 * mt + 1], qf[4 * mt + 2], qf[4 * mt + 3] = \
+                            frag_a(sm, OQW + 16 * mt * LDQ + 16 * kk, LDQ)
+                for jp in range(NTS // 2):
+                    b0, b1, b2, b3 = frag_b2(sm, okb + 16 * jp * LDQ + 16 * kk, LDQ)
+                    for mt in range(MT):
+                        f = 4 * (mt * KD + kk) if QREG else 4 * mt
+                        i = mt * NS + 8 * jp
+                        s[i], s[i + 1], s[i + 2], s[i + 3] = mma(
+                            scr, qf[f], qf[f + 1], qf[f + 2], qf[f + 3],
+                            b0, b1, s[i], s[i + 1], s[i + 2], s[i + 3])
+                        s[i + 4], s[i + 5], s[i + 6], s[i + 7] = mma(
+                            scr, qf[f], qf[f + 1], qf[f + 2], qf[f + 3],
+                            b2, b3, s[i + 4], s[i + 5], s[i + 6], s[i + 7])
+
+            # Scores to the log2 domain, with the exclusions of this block. Element idx
+            # of the lane's S registers belongs to row slot 2*(idx // NS) +
+            # ((idx >> 1) & 1) and column 8*((idx % NS) >> 2) + 2t + (idx & 1) of the
+            # block. Every loop that indexes registers has a small body, so that it is
+            # fully unrolled (a loop left rolled would move S to local memory).
+            partial = it >= nf
+            if MODS:
+                # Mods and attn_mask: the per-element work can be large, so it runs on
+                # a copy of S in shared memory (each lane its own column, no barrier
+                # needed), rolled or not as the compiler likes.
+                for idx in range(MNS):
+                    smf[OMF + idx * NTH + tid] = s[idx] * sc
+                for idx in range(MNS):
+                    row = rw + 16 * (idx // NS) + 8 * ((idx >> 1) & 1)
+                    col = n0 + 8 * ((idx % NS) >> 2) + 2 * t + (idx & 1)
+                    x = smf[OMF + idx * NTH + tid]
+                    ok = col < Lk
+                    if SCORE:
+                        if ok and row < Lq:
+                            x = float32(score_fn(x, b, h, row, col, x0, x1, x2, x3)[0])
+                    if partial:
+                        if CAUSAL:
+                            ok = ok and col <= row
+                        if MASK:
+                            if ok and row < Lq:
+                                x += mask[mbase + row * ms_q + col * ms_k]
+                        if MASKMOD:
+                            if ok and row < Lq:
+                                ok = mask_fn(b, h, row, col, x0, x1, x2, x3)
+                    smf[OMF + idx * NTH + tid] = x * LOG2E if ok else NEG_INF
+                for idx in range(MNS):
+                    s[idx] = smf[OMF + idx * NTH + tid]
+            elif partial or n0 + BN > Lk:
+                # Keys past Lk and (diagonal blocks) causal exclusions: column < limit.
+                for r in range(MR):
+                    lim[r] = Lk
+                    if CAUSAL and partial:
+                        row1 = rw + 16 * (r >> 1) + 8 * (r & 1) + 1
+                        if row1 < Lk:
+                            lim[r] = row1
+                c0 = n0 + 2 * t
+                for idx in range(MNS):
+                    x = s[idx] * sl2
+                    cl = c0 + (8 * ((idx % NS) >> 2) + (idx & 1))
+                    s[idx] = x if cl < lim[2 * (idx // NS) + ((idx >> 1) & 1)] else NEG_INF
+            else:
+                for idx in range(MNS):
+                    s[idx] = s[idx] * sl2
+            for r in range(MR):
+                x_r[r] = NEG_INF
+            for idx in range(MNS):
+                r = 2 * (idx // NS) + ((idx >> 1) & 1)
+                x_r[r] = _fmax(x_r[r], s[idx])
+            for r in range(MR):
+                mx = _fmax(m_r[r], quad_max(scr, x_r[r]))
+                # A row that has seen only excluded keys keeps m = -inf; exponents are
+                # then taken against 0 so that P = 0 and alpha = 0, never NaN.
+                mu = mx if mx != NEG_INF else ZERO
+                y_r[r] = exp2(m_r[r] - mu)  # alpha
+                x_r[r] = mu
+                m_r[r] = mx
+                l_r[r] *= y_r[r]
+            for idx in range(MNS):
+                r = 2 * (idx // NS) + ((idx >> 1) & 1)
+                p = exp2(s[idx] - x_r[r])
+                l_r[r] += p
+                s[idx] = p
+            for idx in range(MNO):
+                acc[idx] *= y_r[2 * (idx // NO) + ((idx >> 1) & 1)]
+
+            # O += P V: P's accumulators, rounded, are the A fragments; each V fragment
+            # pair serves the MT m16 tiles.
+            for kk in range(KV):
+                for mt in range(MT):
+                    i = mt * NS + 8 * kk
+                    for e in range(4):
+                        pa[4 * mt + e] = pack(s[i + 2 * e], s[i + 2 * e + 1])
+                for jp in range(NTO // 2):
+                    b0, b1, b2, b3 = frag_bt2(sm, ovb + 16 * kk * LDV + 16 * jp, LDV)
+                    for mt in range(MT):
+                        a = 4 * mt
+                        c = mt * NO + 8 * jp
+                        acc[c], acc[c + 1], acc[c + 2], acc[c + 3] = mma(
+                            scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b0, b1,
+                            acc[c], acc[c + 1], acc[c + 2], acc[c + 3])
+                        acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7] = mma(
+                            scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
+                            acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7])
+            # Barrier: every warp is done with this buffer before the next iteration's
+            # prefetch overwrites it.
+            cuda.syncthreads()
+
+        for r in range(MR):
+            l_r[r] = quad_sum(scr, l_r[r])
+        for r in range(MR):
+            row = rw + 16 * (r >> 1) + 8 * (r & 1)
+            if row < Lq:
+                lsum = l_r[r]
+                inv = ZERO
+                if lsum > ZERO:
+                    inv = ONE / lsum
+                obase = b * os_b + h * os_h + row * os_l
+                c = (r >> 1) * NO + 2 * (r & 1)
+                for j in range(NTO):
+                    for e in range(2):
+                        st(o, obase + (8 * j + 2 * t + e) * os_d, acc[c + 4 * j + e] * inv)
+                if t == 0:
+                    lv = NEG_INF
+                    if lsum > ZERO:
+                        lv = (m_r[r] + math.log2(lsum)) * LN2
+                    lse[bh * Lq + row] = lv
+
+    return fwd

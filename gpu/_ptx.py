@@ -1,0 +1,484 @@
+"""Tensor-core fragment operations for the mma kernels (gpu/_mma.py), as inline PTX.
+
+Numba has no tensor-core API, but its CUDA target accepts LLVM inline assembly, so the
+warp-level instructions the FlashAttention-2 forward is built from are intrinsics here:
+
+* ``mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}`` (A 16x16, B 16x8, f32 C/D);
+* ``ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16``: four 8x8 b16 matrices from
+  shared memory straight into the fragment layout (``.trans`` gives V's B fragments
+  from its row-major (key, dim) tile);
+* ``cp.async.cg.shared.global`` (16 bytes, zero-fill past the end), commit/wait groups;
+* ``ex2.approx.ftz.f32``, ``cvt.rn.{bf16x2,f16x2}.f32`` (two floats into one 32-bit A
+  register), and ``shfl.sync.bfly`` reductions over the four lanes of a fragment row.
+
+Shared-memory operands are 32-bit shared-window addresses: the generic pointer of Numba's
+shared array is cast to address space 3 (NVVM folds this into a plain shared address).
+
+Every intrinsic carries a fixed uuid: Numba keys its on-disk kernel cache on a pickle of
+the kernel's closure, and an intrinsic pickles with a uuid drawn per process otherwise
+(see gpu/_cuda.py, ld4).
+
+The simulator (``SIM``) runs kernels as Python threads and has neither inline assembly
+nor warp shuffles. There the same names are simulator-safe stand-ins with the same
+results: fragment loads gather the lane's own elements directly (each lane knows the
+fragment layout, so no data crosses lanes); ``mma`` and the row reductions, which do
+cross lanes, go through a per-warp shared scratch array with a barrier on either side
+(so every thread of the block must call them the same number of times, which the
+kernels' uniform control flow guarantees); the asynchronous copies are synchronous.
+
+Fragment layout (PTX ISA, "Matrix fragments for mma.m16n8k16"): lane = 4*g + t,
+A: a0 = A[g, 2t:2t+2], a1 = A[g+8, 2t:2t+2], a2 = A[g, 2t+8:2t+10], a3 = A[g+8, 2t+8:..];
+B (k x n): b0 = B[2t:2t+2, g], b1 = B[2t+8:2t+10, g]; C/D: c0, c1 = C[g, 2t:2t+2],
+c2, c3 = C[g+8, 2t:2t+2]. Two element values share one 32-bit register, the lower
+column (or k) in the low half.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from ._cuda import SIM, cuda, float32, int32
+
+__all__ = ["ops", "gaddr", "SCRATCH_WORDS"]
+
+
+def SCRATCH_WORDS(nwarps: int) -> int:
+    """float32 words of static shared scratch the stand-ins need (1 on the GPU)."""
+    return nwarps * (16 * 16 + 16 * 8 + 32) if SIM else 1
+
+
+if SIM:
+    # ------------------------------------------------------------ simulator stand-ins --
+    def _unpacker(kind):
+        if kind == "bf16":
+            def unpack(v):
+                w = np.array([v], dtype=np.int32).view(np.uint32)[0]
+                lo = np.array([(w & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0]
+                hi = np.array([w & 0xFFFF0000], dtype=np.uint32).view(np.float32)[0]
+                return float(lo), float(hi)
+        else:
+            def unpack(v):
+                h = np.array([v], dtype=np.int32).view(np.float16)
+                return float(h[0]), float(h[1])
+        return unpack
+
+    def _packer(kind):
+        if kind == "bf16":
+            def pack(lo, hi):
+                def bits(x):
+                    b = int(np.array([x], dtype=np.float32).view(np.uint32)[0])
+                    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+                w = bits(lo) | (bits(hi) << 16)
+                return np.array([w], dtype=np.uint32).view(np.int32)[0]
+        else:
+            def pack(lo, hi):
+                return np.array([lo, hi], dtype=np.float16).view(np.int32)[0]
+        return pack
+
+    def _elem_bits(kind):
+        # A shared-memory element (float16 value or bfloat16 bits as int16) -> float.
+        if kind == "bf16":
+            def val(x):
+                return float(np.array([(int(x) & 0xFFFF) << 16],
+                                      dtype=np.uint32).view(np.float32)[0])
+        else:
+            def val(x):
+                return float(x)
+        return val
+
+    @cuda.jit(device=True)
+    def gaddr(a, idx):
+        # Byte offset from the array's start, which the simulator's host arrays place
+        # at the tensor's first element: alignment is then judged as on the GPU for
+        # any 16-byte aligned tensor.
+        return int(idx) * a.dtype.itemsize
+
+    @lru_cache(maxsize=None)
+    def ops(kind: str):
+        unpack = _unpacker(kind)
+        pack2 = _packer(kind)
+        val = _elem_bits(kind)
+
+        def _pk(sm, i0, i1):
+            return pack2(val(sm[i0]), val(sm[i1]))
+
+        @cuda.jit(device=True)
+        def frag_a(sm, off, LD):
+            lane = cuda.threadIdx.x & 31
+            g, t = lane >> 2, lane & 3
+            r0 = off + g * LD + 2 * t
+            r1 = r0 + 8 * LD
+            return (_pk(sm, r0, r0 + 1), _pk(sm, r1, r1 + 1),
+                    _pk(sm, r0 + 8, r0 + 9), _pk(sm, r1 + 8, r1 + 9))
+
+        @cuda.jit(device=True)
+        def frag_b2(sm, off, LD):
+            # B[k, n] = T[n, k] with T row-major at off: n-tiles n0..n0+7 and n0+8..15.
+            lane = cuda.threadIdx.x & 31
+            g, t = lane >> 2, lane & 3
+            p0 = off + g * LD + 2 * t
+            p1 = p0 + 8 * LD
+            return (_pk(sm, p0, p0 + 1), _pk(sm, p0 + 8, p0 + 9),
+                    _pk(sm, p1, p1 + 1), _pk(sm, p1 + 8, p1 + 9))
+
+        @cuda.jit(device=True)
+        def frag_bt2(sm, off, LD):
+            # B[k, n] = T[k, n] with T row-major at off (k: 16 rows, n: 16 columns).
+            lane = cuda.threadIdx.x & 31
+            g, t = lane >> 2, lane & 3
+            p = off + 2 * t * LD + g
+            return (_pk(sm, p, p + LD), _pk(sm, p + 8 * LD, p + 9 * LD),
+                    _pk(sm, p + 8, p + LD + 8), _pk(sm, p + 8 * LD + 8, p + 9 * LD + 8))
+
+        @cuda.jit(device=True)
+        def mma(scr, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            tid = cuda.threadIdx.x
+            lane = tid & 31
+            g, t = lane >> 2, lane & 3
+            A = (tid >> 5) * (16 * 16 + 16 * 8 + 32)
+            B = A + 16 * 16
+            # Each lane scatters its registers into the warp's A (16x16) and B (16x8).
+            for reg, (r, c) in zip((a0, a1, a2, a3), ((g, 2 * t), (g + 8, 2 * t),
+                                                      (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+                lo, hi = unpack(reg)
+                scr[A + r * 16 + c] = lo
+                scr[A + r * 16 + c + 1] = hi
+            for reg, k in zip((b0, b1), (2 * t, 2 * t + 8)):
+                lo, hi = unpack(reg)
+                scr[B + k * 8 + g] = lo
+                scr[B + (k + 1) * 8 + g] = hi
+            cuda.syncthreads()
+            d = [c0, c1, c2, c3]
+            for e in range(4):
+                r = g + 8 * (e >> 1)
+                n = 2 * t + (e & 1)
+                s = 0.0
+                for k in range(16):
+                    s += float(scr[A + r * 16 + k]) * float(scr[B + k * 8 + n])
+                d[e] = np.float32(d[e] + s)
+            cuda.syncthreads()
+            return d[0], d[1], d[2], d[3]
+
+        @cuda.jit(device=True)
+        def _quad(scr, x, is_max):
+            tid = cuda.threadIdx.x
+            Q = (tid >> 5) * (16 * 16 + 16 * 8 + 32) + 16 * 16 + 16 * 8
+            lane = tid & 31
+            scr[Q + lane] = x
+            cuda.syncthreads()
+            q0 = Q + (lane & ~3)
+            vals = [scr[q0 + i] for i in range(4)]
+            cuda.syncthreads()
+            return np.float32(max(vals) if is_max else sum(vals))
+
+        @cuda.jit(device=True)
+        def quad_max(scr, x):
+            return _quad(scr, x, True)
+
+        @cuda.jit(device=True)
+        def quad_sum(scr, x):
+            return _quad(scr, x, False)
+
+        @cuda.jit(device=True)
+        def pack(lo, hi):
+            return pack2(lo, hi)
+
+        @cuda.jit(device=True)
+        def exp2(x):
+            return np.float32(2.0 ** float(x)) if x > -np.inf else np.float32(0.0)
+
+        @cuda.jit(device=True)
+        def cp16(sm, sidx, a, gidx, ok):
+            for e in range(8):
+                sm[sidx + e] = a[gidx + e] if ok else 0
+
+        @cuda.jit(device=True)
+        def commit():
+            pass
+
+        @cuda.jit(device=True)
+        def wait_all():
+            pass
+
+        @cuda.jit(device=True)
+        def wait_one():
+            pass
+
+        return _Ops(frag_a, frag_b2, frag_bt2, mma, quad_max, quad_sum, pack, exp2,
+                    cp16, commit, wait_all, wait_one)
+
+else:
+    # --------------------------------------------------------------- inline PTX (GPU) --
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.core.extending import intrinsic as _intrinsic
+
+    # numba.cuda.extending.intrinsic is exactly this; taken from numba.core so that
+    # gpu/_cuda.py stays the one module importing numba.cuda.
+    intrinsic = _intrinsic(target="cuda")
+
+    _i32 = ir.IntType(32)
+    _i64 = ir.IntType(64)
+    _f32 = ir.FloatType()
+
+    def _fixed(fn, name):
+        fn._set_uuid(f"attn.gpu._ptx.{name}")
+        return fn
+
+    def _call(builder, ret, argtys, asm, cons, args, side_effect=False):
+        fnty = ir.FunctionType(ret, argtys)
+        return builder.call(ir.InlineAsm(fnty, asm, cons, side_effect=side_effect), args)
+
+    def _ptr(context, builder, aryty, ary_val, idx_val, idxty):
+        ary = context.make_array(aryty)(context, builder, ary_val)
+        i = context.cast(builder, idx_val, idxty, types.intp)
+        return builder.gep(ary.data, [i])
+
+    @intrinsic
+    def gaddr(typingctx, arr, idx):
+        """The (generic) address of arr[idx] as an unsigned 64-bit integer."""
+        if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            return builder.ptrtoint(p, _i64)
+
+        return types.uint64(arr, idx), codegen
+
+    _fixed(gaddr, "gaddr")
+
+    @intrinsic
+    def smem_addr(typingctx, arr, idx):
+        """32-bit shared-window address of arr[idx] (arr a shared array)."""
+        if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            sp = builder.addrspacecast(p, ir.PointerType(p.type.pointee, 3))
+            return builder.ptrtoint(sp, _i32)
+
+        return types.uint32(arr, idx), codegen
+
+    _fixed(smem_addr, "smem_addr")
+
+    def _ldsm(name, trans):
+        rt = types.UniTuple(types.int32, 4)
+        asm = (f"ldmatrix.sync.aligned.m8n8.x4{'.trans' if trans else ''}.shared.b16 "
+               "{$0, $1, $2, $3}, [$4];")
+
+        @intrinsic
+        def ldsm(typingctx, addr):
+            if not isinstance(addr, types.Integer):
+                return None
+
+            def codegen(context, builder, sig, args):
+                a = context.cast(builder, args[0], sig.args[0], types.uint32)
+                st = ir.LiteralStructType([_i32] * 4)
+                # Volatile: it reads shared memory that cp.async and barriers order, so
+                # LLVM must not move it across them (it has no memory operand to see).
+                r = _call(builder, st, [_i32], asm, "=r,=r,=r,=r,r,~{memory}", [a],
+                          side_effect=True)
+                return context.make_tuple(builder, rt,
+                                          [builder.extract_value(r, e) for e in range(4)])
+
+            return rt(addr), codegen
+
+        return _fixed(ldsm, name)
+
+    ldsm_x4 = _ldsm("ldsm_x4", False)
+    ldsm_x4_t = _ldsm("ldsm_x4_t", True)
+
+    def _mma(name, ab):
+        rt = types.UniTuple(types.float32, 4)
+        asm = (f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 "
+               "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+
+        @intrinsic
+        def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            def codegen(context, builder, sig, args):
+                ins = [context.cast(builder, v, t, types.int32)
+                       for v, t in zip(args[:6], sig.args[:6])]
+                ins += [context.cast(builder, v, t, types.float32)
+                        for v, t in zip(args[6:], sig.args[6:])]
+                st = ir.LiteralStructType([_f32] * 4)
+                r = _call(builder, st, [_i32] * 6 + [_f32] * 4, asm,
+                          "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", ins)
+                return context.make_tuple(builder, rt,
+                                          [builder.extract_value(r, e) for e in range(4)])
+
+            return rt(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), codegen
+
+        return _fixed(mma, name)
+
+    mma_bf16 = _mma("mma_bf16", "bf16")
+    mma_f16 = _mma("mma_f16", "f16")
+
+    def _pack(name, ty):
+        @intrinsic
+        def pack(typingctx, lo, hi):
+            def codegen(context, builder, sig, args):
+                lo_ = context.cast(builder, args[0], sig.args[0], types.float32)
+                hi_ = context.cast(builder, args[1], sig.args[1], types.float32)
+                # cvt.rn.*x2.f32 d, a, b puts a in the upper half, b in the lower.
+                return _call(builder, _i32, [_f32, _f32], f"cvt.rn.{ty}.f32 $0, $1, $2;",
+                             "=r,f,f", [hi_, lo_])
+
+            return types.int32(lo, hi), codegen
+
+        return _fixed(pack, name)
+
+    pack_bf16 = _pack("pack_bf16", "bf16x2")
+    pack_f16 = _pack("pack_f16", "f16x2")
+
+    @intrinsic
+    def ex2(typingctx, x):
+        def codegen(context, builder, sig, args):
+            v = context.cast(builder, args[0], sig.args[0], types.float32)
+            return _call(builder, _f32, [_f32], "ex2.approx.ftz.f32 $0, $1;", "=f,f", [v])
+
+        return types.float32(x), codegen
+
+    _fixed(ex2, "ex2")
+
+    def _quad(name, op):
+        # The four lanes 4g..4g+3 hold one fragment row: two butterfly steps.
+        asm = ("{ .reg .f32 t; "
+               "shfl.sync.bfly.b32 t, $1, 1, 0x1f, 0xffffffff; "
+               f"{op}.f32 $0, $1, t; "
+               "shfl.sync.bfly.b32 t, $0, 2, 0x1f, 0xffffffff; "
+               f"{op}.f32 $0, $0, t; }}")
+
+        @intrinsic
+        def quad(typingctx, x):
+            def codegen(context, builder, sig, args):
+                v = context.cast(builder, args[0], sig.args[0], types.float32)
+                return _call(builder, _f32, [_f32], asm, "=f,f", [v], side_effect=True)
+
+            return types.float32(x), codegen
+
+        return _fixed(quad, name)
+
+    quad_max_ = _quad("quad_max", "max")
+    quad_sum_ = _quad("quad_sum", "add")
+
+    @intrinsic
+    def cp_async16(typingctx, saddr, arr, idx, nbytes):
+        """16 bytes from arr[idx] (global) to the shared address saddr; only the first
+        nbytes are read, the rest zero-filled (nbytes 0: a row past the end)."""
+        if not isinstance(arr, types.Array):
+            return None
+
+        def codegen(context, builder, sig, args):
+            s = context.cast(builder, args[0], sig.args[0], types.uint32)
+            p = _ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
+            g = builder.ptrtoint(p, _i64)
+            n = context.cast(builder, args[3], sig.args[3], types.uint32)
+            _call(builder, ir.VoidType(), [_i32, _i64, _i32],
+                  "{ .reg .u64 g; cvta.to.global.u64 g, $1; "
+                  "cp.async.cg.shared.global [$0], [g], 16, $2; }",
+                  "r,l,r,~{memory}", [s, g, n], side_effect=True)
+            return context.get_dummy_value()
+
+        return types.void(saddr, arr, idx, nbytes), codegen
+
+    _fixed(cp_async16, "cp_async16")
+
+    def _simple(name, asm):
+        @intrinsic
+        def f(typingctx):
+            def codegen(context, builder, sig, args):
+                _call(builder, ir.VoidType(), [], asm, "~{memory}", [], side_effect=True)
+                return context.get_dummy_value()
+
+            return types.void(), codegen
+
+        return _fixed(f, name)
+
+    cp_commit = _simple("cp_commit", "cp.async.commit_group;")
+    cp_wait0 = _simple("cp_wait0", "cp.async.wait_group 0;")
+    cp_wait1 = _simple("cp_wait1", "cp.async.wait_group 1;")
+
+    @lru_cache(maxsize=None)
+    def ops(kind: str):
+        mma_i = mma_bf16 if kind == "bf16" else mma_f16
+        pack_i = pack_bf16 if kind == "bf16" else pack_f16
+
+        # ldmatrix.x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l gets
+        # row l//4, columns 2(l%4)..+1 of each matrix (transposed with .trans).
+        @cuda.jit(device=True, inline=True)
+        def frag_a(sm, off, LD):
+            # matrices (rows 0-7, cols 0-7), (rows 8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
+            lane = cuda.threadIdx.x & 31
+            r = (lane & 7) + (lane & 8)
+            c = (lane >> 4) << 3
+            return ldsm_x4(smem_addr(sm, off + r * LD + c))
+
+        @cuda.jit(device=True, inline=True)
+        def frag_b2(sm, off, LD):
+            # T[n, k] row-major: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (..)
+            lane = cuda.threadIdx.x & 31
+            r = (lane & 7) + ((lane >> 4) << 3)
+            c = lane & 8
+            return ldsm_x4(smem_addr(sm, off + r * LD + c))
+
+        @cuda.jit(device=True, inline=True)
+        def frag_bt2(sm, off, LD):
+            # T[k, n] row-major, transposed: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7,
+            # n 8-15), (k 8-15, n 8-15)
+            lane = cuda.threadIdx.x & 31
+            r = (lane & 7) + (lane & 8)
+            c = (lane >> 4) << 3
+            return ldsm_x4_t(smem_addr(sm, off + r * LD + c))
+
+        @cuda.jit(device=True, inline=True)
+        def mma(scr, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            return mma_i(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+        @cuda.jit(device=True, inline=True)
+        def quad_max(scr, x):
+            return quad_max_(x)
+
+        @cuda.jit(device=True, inline=True)
+        def quad_sum(scr, x):
+            return quad_sum_(x)
+
+        @cuda.jit(device=True, inline=True)
+        def pack(lo, hi):
+            return pack_i(lo, hi)
+
+        @cuda.jit(device=True, inline=True)
+        def exp2(x):
+            return ex2(x)
+
+        @cuda.jit(device=True, inline=True)
+        def cp16(sm, sidx, a, gidx, ok):
+            cp_async16(smem_addr(sm, sidx), a, gidx, int32(16) if ok else int32(0))
+
+        @cuda.jit(device=True, inline=True)
+        def commit():
+            cp_commit()
+
+        @cuda.jit(device=True, inline=True)
+        def wait_all():
+            cp_wait0()
+
+        @cuda.jit(device=True, inline=True)
+        def wait_one():
+            cp_wait1()
+
+        return _Ops(frag_a, frag_b2, frag_bt2, mma, quad_max, quad_sum, pack, exp2,
+                    cp16, commit, wait_all, wait_one)
+
+
+class _Ops:
+    """The fragment operations of one element kind (same names on both paths)."""
+
+    __slots__ = ("frag_a", "frag_b2", "frag_bt2", "mma", "quad_max", "quad_sum", "pack",
+                 "exp2", "cp16", "commit", "wait_all", "wait_one")
+
+    def __init__(self, *fns):
+        for name, fn in zip(self.__slots__, fns):
+            setattr(self, name, fn)
