@@ -5,10 +5,12 @@ the launcher, the kv-block lists of dense/causal/block-mask/jagged calls, the mo
 the attn_mask path are shared); only the inner products, the tile staging and the
 softmax bookkeeping differ.
 
-CTA: NW warps, BLOCK_M = 16*NW query rows (16 per warp), BLOCK_N keys per kv block.
+CTA: NW warps, BLOCK_M = 16*NW*MT query rows (MT m16 tiles per warp), BLOCK_N keys per
+kv block (``config``: D <= 64 takes 4 warps x 2 tiles = 128 rows, D <= 128 4 x 1 = 64).
 
 * Q (BLOCK_M x D) is copied once to shared memory (cp.async, 16 bytes per copy) and
-  read into A fragments (ldmatrix.x4) kept in registers for the whole kv loop.
+  read into A fragments (ldmatrix.x4) kept in registers for the whole kv loop (QREG;
+  otherwise re-read from shared memory every kv block).
 * K and V tiles (BLOCK_N x D, BLOCK_N x Dv) are double-buffered in shared memory: the
   copies of kv block it+1 are issued before block it is computed, so global latency
   hides behind the tensor-core work of the current block.
@@ -63,7 +65,7 @@ _JIT = dict(cache=not SIM)
 # measurements. The simulator runs every thread as a Python thread: two warps and
 # 16-key blocks still give several q and kv blocks at L = 33.
 Config = namedtuple("Config", "NW MT BN QREG")
-_CONFIGS = {64: Config(4, 1, 64, True), 128: Config(4, 1, 64, True)}
+_CONFIGS = {64: Config(4, 2, 64, True), 128: Config(4, 1, 64, True)}
 _SIM_CONFIG = Config(2, 1, 16, True)
 _env = os.environ.get("ATTN_GPU_MMA_CONFIG", "")
 if _env:  # tuning knob for bench/device/mma_check.py: "64:4,2,64,1;128:4,2,64,0"

@@ -1,0 +1,132 @@
+"""The tensor-core forward (gpu/_mma.py) in Numba's CUDA simulator (CI has no GPU).
+
+Runs in a child process with NUMBA_ENABLE_CUDASIM=1 (see tests/test_gpu_sim.py for
+why). float16 inputs take the mma kernel there as on the GPU, with the simulator-safe
+stand-ins of gpu/_ptx.py for the fragment operations (fragment loads gather each lane's
+own elements, mma and the row reductions go through shared scratch with barriers). The
+simulator kernel uses 2 warps (32-row q blocks) and 16-key kv blocks, so L in {1, 17,
+33} gives several q and kv blocks, ragged edges in both, and the second warp's row
+offsets. Checked against attn.reference in float64: the tiling and the kv-block lists
+(dense, causal with diagonal blocks, Lq != Lk), the online softmax in the log2 domain,
+GQA, both staging paths (16-byte copies for contiguous head dims; element loads for a
+strided head dim or a misaligned view), attn_mask and FlexAttention block masks with
+mask_mod/score_mod (the mods path), fully masked rows (out 0, lse -inf), Dv != D.
+
+Only the real GPU covers (bench/device/mma_check.py, tests/test_gpu.py): the inline PTX
+itself (mma.sync, ldmatrix(.trans), cp.async and its wait groups, shfl.sync, ex2,
+cvt.rn.bf16x2/f16x2) and the register layout the hardware uses, bfloat16, the
+64x64 tiles with 4 warps, double buffering racing against real asynchronous copies,
+shared memory above 48 KiB, speed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("numba")
+
+_SCRIPT = textwrap.dedent(
+    r"""
+    import os, sys
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    import torch
+    import attn
+    try:
+        from attn import gpu
+    except ImportError:
+        attn.__path__.append(sys.argv[1])
+        from attn import gpu
+    from attn import mods, _modgen
+    from attn._flex import KernelSpec
+    from attn.reference import attention, flex_attention as ref_flex
+    assert gpu.SIM
+    dt = torch.float16
+    assert not gpu.mma_reasons(dt, 16, 16), gpu.mma_reasons(dt, 16, 16)
+    assert gpu.mma_reasons(torch.float32, 16, 16)  # float32 stays on the SIMT kernel
+    assert gpu.mma_reasons(dt, 8, 8)               # head dim not a multiple of 16
+
+    def mk(g, B, H, L, W, layout):
+        if layout == "blhd":
+            return torch.randn(B, L, H, W, generator=g).to(dt).transpose(1, 2)
+        if layout == "dmajor":
+            return torch.randn(B, H, W, L, generator=g).to(dt).transpose(2, 3)
+        if layout == "offset":
+            return torch.randn(B * H * L * W + 1, generator=g).to(dt)[1:].view(B, H, L, W)
+        return torch.randn(B, H, L, W, generator=g).to(dt)
+
+    def check(name, out, lse, ro, rl):
+        fin = torch.isfinite(rl)
+        assert out.dtype == dt and lse.dtype == torch.float32, name
+        assert not torch.isnan(out).any(), name
+        assert torch.equal(torch.isfinite(lse), fin), name
+        assert (out[~fin] == 0).all(), name
+        e = (out.double() - ro).abs().max().item()
+        el = (lse[fin].double() - rl[fin]).abs().max().item() if fin.any() else 0.0
+        # float16 P and O rounding: a few ulp of values of order 1.
+        assert e <= 4e-3 and el <= 1e-4, f"{name}: out err {e}, lse err {el}"
+        return e
+
+    def case(B, Hq, Hkv, Lq, Lk, D, Dv, causal, layout=None, mask_kind=None, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        q = mk(g, B, Hq, Lq, D, layout)
+        k = mk(g, B, Hkv, Lk, D, layout)
+        v = mk(g, B, Hkv, Lk, Dv, layout)
+        mask = None
+        if mask_kind == "bool":
+            mask = torch.rand(1, 1, Lq, Lk, generator=g) > 0.4
+            if Lq > 2:
+                mask[..., 2, :] = False
+        elif mask_kind == "additive":
+            mask = torch.randn(B, 1, Lq, Lk, generator=g).to(dt)
+        out, lse = gpu.forward(q, k, v, mask, causal)
+        ro, rl = attention(q.double(), k.double(), v.double(), mask, causal, None,
+                           enable_gqa=Hq != Hkv)
+        return check(f"B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D}/{Dv} causal={causal} "
+                     f"{layout} {mask_kind}", out, lse, ro, rl)
+
+    worst = 0.0
+    for (Lq, Lk), causal in [((1, 1), False), ((17, 17), True), ((33, 17), True),
+                             ((17, 33), False), ((33, 33), True)]:
+        worst = max(worst, case(1, 2, 2, Lq, Lk, 16, 16, causal, seed=Lq * Lk))
+    worst = max(worst, case(1, 1, 1, 33, 33, 32, 32, False, "blhd", seed=1))
+    worst = max(worst, case(2, 2, 1, 17, 33, 16, 16, True, "dmajor", seed=2))  # GQA
+    worst = max(worst, case(1, 2, 2, 33, 17, 16, 16, False, "offset", seed=3))
+    worst = max(worst, case(1, 2, 1, 17, 33, 16, 32, False, None, "bool", 4))  # Dv != D
+    worst = max(worst, case(1, 1, 1, 33, 17, 16, 16, True, None, "additive", 5))
+
+    # FlexAttention through the same kernel: block lists per (batch, head), mask_mod on
+    # partial blocks, score_mod, GQA. BLOCK_SIZE 32 is a multiple of the 32x16 tiles.
+    L = 49
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, H, L, 16, generator=g).to(dt) for H in (2, 1, 1))
+    for mask_mod, score_mod in ((mods.causal_mask, mods.alibi(2)),
+                                (mods.document_mask(torch.tensor([0, 10, 11, 40, 49])),
+                                 None)):
+        bm = attn.create_block_mask(mask_mod, 1, 2, L, L, device="cpu", BLOCK_SIZE=32)
+        spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod),
+                          _modgen.trace_score_mod(score_mod) if score_mod else None,
+                          False, None)
+        assert not gpu.mma_reasons(dt, 16, 16, None, bm.BLOCK_SIZE)
+        out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
+        ro, rl, _ = ref_flex(q.double(), k.double(), v.double(), score_mod, bm, None, True)
+        worst = max(worst, check(f"flex {mask_mod}", out, lse, ro, rl))
+    print("OK mma forward; worst abs error", worst)
+    """
+)
+
+
+def test_mma_forward_in_cuda_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(ROOT)], env=env, cwd=str(ROOT),
+        capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, f"simulator run failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    assert "OK" in r.stdout, r.stdout
