@@ -4,7 +4,8 @@ The public function validates the call with FlexAttention's errors, turns it int
 AttentionProblem (``flex=True`` with the score_mod and the BlockMask) and runs it
 through one autograd.Function on the chosen backend. The kernels see the block mask
 as block lists at their own tile size (``BlockMask.kernel_lists``) and the mods as
-Numba-compiled tile callbacks (``attn._modgen``).
+Numba-compiled tile callbacks (``attn._modgen``). While torch.compile traces, the call
+is the custom op ``attn::flex_forward`` instead (end of this module).
 """
 from __future__ import annotations
 
