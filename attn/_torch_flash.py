@@ -476,8 +476,9 @@ def _activate() -> _Handle:
                 warnings.warn(f"attn does not override aten.{name}: {why}; PyTorch's "
                               "kernel keeps running it", RuntimeWarning, stacklevel=3)
                 continue
+            get_kernel = getattr(torch.library, "get_kernel", None)
             try:
-                original = torch.library.get_kernel(op, key)
+                original = get_kernel(op, key) if get_kernel is not None else None
             except RuntimeError:  # no such kernel in this build (CUDA ops on a CPU build)
                 original = None
             with warnings.catch_warnings():

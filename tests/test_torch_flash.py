@@ -110,6 +110,30 @@ def test_no_registry_gives_clear_message(monkeypatch):
         attn.activate_flash_attention()
 
 
+def test_import_without_registry_works():
+    """A PyTorch without the registry: attn imports and runs; activation says why not."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, torch.nn.attention as tna
+        del tna.register_flash_attention_impl
+        import attn
+        q = torch.randn(1, 2, 5, 8)
+        out = attn.scaled_dot_product_attention(q, q, q)
+        assert out.shape == (1, 2, 5, 8)
+        try:
+            attn.activate_flash_attention()
+        except RuntimeError as e:
+            print("refused:", e)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "refused: PyTorch" in res.stdout and "no flash-attention registry" in res.stdout
+
+
 def test_schemas_match_implementations():
     for name, _, impl in tf._OVERRIDES:
         op = getattr(torch.ops.aten, name).default
