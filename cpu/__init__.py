@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from attn._blocks import dense_block_classes
+from attn._blocks import JaggedBand, dense_block_classes
 from attn._problem import accumulation_dtype
 
 __all__ = [
@@ -167,12 +167,13 @@ def _flex_lists(flex):
             (kl.full_q_num_blocks, kl.full_q_indices), (kl.q_num_blocks, kl.q_indices))
 
 
-def _mod_args(flex, cdt):
-    """(addresses for the kernel, objects to keep alive) of the mods' tile callbacks."""
+def _mod_args(flex, cdt, with_mask=True):
+    """(addresses for the kernel, objects to keep alive) of the mods' tile callbacks.
+    with_mask=False: the mask is a jagged band, which the kernels apply themselves."""
     from attn import _modgen
 
     addrs, keep = [0, 0, 0, 0, 0], []
-    if flex.mask_mod is not None and not flex.mask_mod.is_all_true:
+    if with_mask and flex.mask_mod is not None and not flex.mask_mod.is_all_true:
         ptrs, k = _modgen.buffer_pointer_array(flex.mask_mod)
         addrs[0] = _modgen.cpu_tile_fns(flex.mask_mod, cdt)["mask"]
         addrs[1] = ptrs.ctypes.data
@@ -183,6 +184,26 @@ def _mod_args(flex, cdt):
         addrs[2], addrs[3], addrs[4] = fns["score"], fns["score_grad"], ptrs.ctypes.data
         keep.append(k)
     return tuple(addrs), keep
+
+
+def _band(flex) -> JaggedBand | None:
+    """The jagged band a block mask carries (attn.document_block_mask's masks do):
+    then the kernels schedule tiles per sequence and ignore the mask's lists."""
+    if flex is None or flex.block_mask is None:
+        return None
+    band = getattr(flex.block_mask, "_attn_jagged", None)
+    return band if isinstance(band, JaggedBand) else None
+
+
+def _jagged_args(band: JaggedBand, BM: int, BN: int):
+    """(the kernel's jagged tuple, its schedule); the tensors live in the band's cache."""
+    sched = band.schedule(BM, BN)
+    left, right = band.sides()
+    ptrs = tuple(t.data_ptr() for t in (band.q0, band.q1, band.k0, band.k1, band.diag))
+    return (band.nseq, ptrs, left, right,
+            (sched.items.data_ptr(), sched.items.shape[0]),
+            (sched.kv_items.data_ptr(), sched.kv_items.shape[0]),
+            (sched.seq_items.data_ptr(), sched.seq_items.shape[0])), sched
 
 
 def flex_tiles(block_size) -> tuple[int, int]:
@@ -197,7 +218,12 @@ def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None):
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BM, BN = blocks
     mask_kind, mask_t, mask_ptr = _mask_args(attn_mask, B, Hq, Lq, Lk, q.dtype)
-    if flex is not None and flex.lists is not None:
+    band = _band(flex)
+    jagged = None
+    if band is not None:
+        jagged, _ = _jagged_args(band, BM, BN)
+        kv_full = kv_part = q_full = q_part = (None, None)
+    elif flex is not None and flex.lists is not None:
         kv_full, kv_part, q_full, q_part = _flex_lists(flex)
     else:
         kv_full, kv_part, q_full, q_part = _dense_lists(
@@ -219,9 +245,11 @@ def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None):
     }
     if mask_ptr is not None:
         args["mask"] = mask_ptr
+    if jagged is not None:
+        args["jagged"] = jagged
     mod_keep = None
     if flex is not None:
-        args["mods"], mod_keep = _mod_args(flex, q.dtype)
+        args["mods"], mod_keep = _mod_args(flex, q.dtype, with_mask=band is None)
     # Keep every tensor whose pointer is in args alive for the duration of the call.
     keep = (mask_t, kv_full, kv_part, q_full, q_part, mod_keep)
     return args, keep
@@ -239,7 +267,16 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None, f
     B, Hq, Lq, D = q.shape
     Dv = v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = torch.empty(B, Hq, Lq, Dv, dtype=cdt)
+    band = _band(flex)
+    if band is not None:
+        # Per-sequence tiles need no relation to the mask's block size.
+        blocks = (BLOCK_M, BLOCK_N)
+    if band is not None and q.stride(1) < q.stride(2):
+        # Packed (tokens, heads, D) queries viewed as (B, H, tokens, D): out in the same
+        # layout, so varlen_attn's (tokens, heads, Dv) result is a view, not a copy.
+        out = torch.empty(B, Lq, Hq, Dv, dtype=cdt).transpose(1, 2)
+    else:
+        out = torch.empty(B, Hq, Lq, Dv, dtype=cdt)
     lse = torch.empty(B, Hq, Lq, dtype=cdt)
     mx = None
     if flex is not None and flex.max_scores:
@@ -258,6 +295,26 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None, f
     return out.to(q.dtype), lse
 
 
+def _forced_schedule() -> str | None:
+    forced = os.environ.get("ATTN_CPU_BWD_SCHEDULE", "auto").strip().lower() or "auto"
+    if forced not in ("auto", "fused", "split"):
+        raise ValueError(
+            f"ATTN_CPU_BWD_SCHEDULE={forced!r}: expected 'auto', 'fused' or 'split'"
+        )
+    return None if forced == "auto" else forced
+
+
+def _jagged_schedule_choice(band, BM, BN, kv_heads, group, nthreads) -> str:
+    """The backward schedule of a jagged problem: fused items are one per (sequence,
+    kv head), as uneven as the sequences, so fused is taken when its greedy makespan
+    still beats split's extra products (JaggedBand.fused_pays)."""
+    forced = _forced_schedule()
+    if forced is not None:
+        return forced
+    sched = band.schedule(BM, BN)
+    return "fused" if band.fused_pays(sched, kv_heads, group, nthreads) else "split"
+
+
 def choose_schedule(B: int, Hkv: int, nthreads: int) -> str:
     """Backward schedule: "fused" gives each (batch, kv head) to one thread, which then
     accumulates dQ itself (5 tile GEMMs per block pair); "split" runs dK/dV over kv
@@ -265,12 +322,8 @@ def choose_schedule(B: int, Hkv: int, nthreads: int) -> str:
     never idles cores when heads are few. Fused is taken only when the heads divide
     evenly among the threads with at least two rounds, so no core idles either.
     ATTN_CPU_BWD_SCHEDULE (auto, fused, split) overrides."""
-    forced = os.environ.get("ATTN_CPU_BWD_SCHEDULE", "auto").strip().lower() or "auto"
-    if forced not in ("auto", "fused", "split"):
-        raise ValueError(
-            f"ATTN_CPU_BWD_SCHEDULE={forced!r}: expected 'auto', 'fused' or 'split'"
-        )
-    if forced != "auto":
+    forced = _forced_schedule()
+    if forced is not None:
         return forced
     heads = B * Hkv
     if nthreads == 1 or (heads % nthreads == 0 and heads >= 2 * nthreads):
@@ -286,7 +339,8 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    BM, BN = blocks or (BLOCK_M, BLOCK_N)
+    band = _band(flex)
+    BM, BN = (BLOCK_M, BLOCK_N) if band is not None else (blocks or (BLOCK_M, BLOCK_N))
     # d(lse_i)/d(s_ij) = P_ij, so a gradient on lse enters as delta_i -= dlse_i.
     delta = (doc * oc).sum(-1, dtype=cdt)
     if grad_lse is not None:
@@ -303,7 +357,10 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
             dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
         )
         nt = num_threads()
-        fused = choose_schedule(B, Hkv, nt) == "fused"
+        if band is not None:
+            fused = _jagged_schedule_choice(band, BM, BN, B * Hkv, Hq // Hkv, nt) == "fused"
+        else:
+            fused = choose_schedule(B, Hkv, nt) == "fused"
         _k.backward(args, cdt == torch.float64, nt, fused)
         del keep
     # The kernels accumulate Q K^T-gradients unscaled; the softmax scale enters here.

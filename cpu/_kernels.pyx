@@ -27,6 +27,11 @@ cdef extern from "tile_ops.h" nogil:
                     const float *B, long ldb, float *C, long ldc, int accumulate)
     void gemm_double(int M, int N, int K, const double *A, long a_rs, long a_cs,
                      const double *B, long ldb, double *C, long ldc, int accumulate)
+    void gemm_rs_float(int M, int N, int K, const float *A, long a_rs, long a_cs,
+                       const float *B, long ldb, float *C, long ldc, const float *rscale)
+    void gemm_rs_double(int M, int N, int K, const double *A, long a_rs, long a_cs,
+                        const double *B, long ldb, double *C, long ldc,
+                        const double *rscale)
     void softmax_cols_f32(int nrows, int ncols, float *S, long lds, float *m,
                           float *l, float *alpha)
     void softmax_cols_f64(int nrows, int ncols, double *S, long lds, double *m,
@@ -39,8 +44,6 @@ cdef extern from "tile_ops.h" nogil:
                       const float *lse, const float *delta)
     void bwd_cols_f64(int nrows, int ncols, double *S, long lds, double *dP, long ldp,
                       const double *lse, const double *delta)
-    void scale_row_f32(float *x, int n, float a)
-    void scale_row_f64(double *x, int n, double a)
     int ATTN_PAD
     int ATTN_VBYTES
     int ATTN_OPENMP
@@ -91,6 +94,26 @@ cdef struct Blocks:
     long si[4]
 
 
+cdef struct Jagged:
+    # Packed variable-length sequences (attn.varlen_attn, document_block_mask): per
+    # sequence s its queries q0[s]..q1[s]-1 and used keys k0[s]..k1[s]-1 (global token
+    # indices), and its band: query t sees key j when
+    # t + diag[s] - left <= j <= t + diag[s] + right (left/right huge when unbounded).
+    int nseq
+    const long long *q0
+    const long long *q1
+    const long long *k0
+    const long long *k1
+    const long long *diag
+    long long left, right
+    const int *items                 # (n_items, 2): (sequence, q tile), costliest first
+    long n_items
+    const int *kv_items              # (n_kv, 2): (sequence, kv tile)
+    long n_kv
+    const int *seq_items             # (n_seq_items,): sequences, costliest first (fused)
+    long n_seq_items
+
+
 cdef struct Problem:
     int B, Hq, Hkv, Lq, Lk, D, Dv, group
     int BM, BN, nqb, nkb
@@ -112,6 +135,8 @@ cdef struct Problem:
     void **mask_bufs                 # data pointers of the tensors mask_mod reads
     void **score_bufs                # data pointers of the tensors score_mod reads
     char *mx                         # (B, Hq, Lq) row maxima of the scores, or NULL
+    int jagged                       # 1: tiles per sequence from jg, not block lists
+    Jagged jg
 
 
 cdef inline int pad(int n) noexcept nogil:
@@ -271,24 +296,138 @@ cdef inline void gemm(int M, int N, int K, const real *A, long a_rs, long a_cs,
         gemm_double(M, N, K, A, a_rs, a_cs, Bm, ldb, C, ldc, acc)
 
 
+cdef inline void gemm_rs(int M, int N, int K, const real *A, long a_rs, long a_cs,
+                         const real *Bm, long ldb, real *C, long ldc,
+                         const real *rscale) noexcept nogil:
+    if real is float:
+        gemm_rs_float(M, N, K, A, a_rs, a_cs, Bm, ldb, C, ldc, rscale)
+    else:
+        gemm_rs_double(M, N, K, A, a_rs, a_cs, Bm, ldb, C, ldc, rscale)
+
+
+cdef inline long long clampll(long long x, long long lo, long long hi) noexcept nogil:
+    return lo if x < lo else (hi if x > hi else x)
+
+
+cdef inline void apply_window(real *S, long ld, int q_major, long long q0, int nq,
+                              long long k0, int nk, long long diag, long long left,
+                              long long right) noexcept nogil:
+    """The band of a jagged sequence on a partial tile: query t sees key j when
+    t + diag - left <= j <= t + diag + right (left/right huge when unbounded). Both
+    edges are contiguous runs per row in either layout, so they are filled, not tested
+    per element. q_major: S[r, c] is (query q0 + r, key k0 + c); else (key k0 + r,
+    query q0 + c)."""
+    cdef int r, lo, hi
+    if q_major:
+        for r in range(nq):
+            lo = <int>clampll(q0 + r + diag - left - k0, 0, nk)
+            hi = <int>clampll(q0 + r + diag + right - k0 + 1, lo, nk)
+            fill_ninf(S + r * ld, lo)
+            fill_ninf(S + r * ld + hi, nk - hi)
+    else:
+        for r in range(nk):
+            lo = <int>clampll(k0 + r - diag - right - q0, 0, nq)
+            hi = <int>clampll(k0 + r - diag + left - q0 + 1, lo, nq)
+            fill_ninf(S + r * ld, lo)
+            fill_ninf(S + r * ld + hi, nq - hi)
+
+
+# How a (q tile, kv tile) pair is masked: nothing (a full block), by the block-list
+# problem's rules (causal, attention mask, mask_mod: a partial block), or by the band
+# of its jagged sequence.
+cdef enum:
+    PAIR_FULL = 0
+    PAIR_PARTIAL = 1
+    PAIR_BAND = 2
+
+
+cdef inline void mask_pair(real *dummy, Problem *p, real *S, long ld, int q_major, long b,
+                           long h, int q0, int nq, int k0, int nk, int mode,
+                           long long diag) noexcept nogil:
+    if mode == PAIR_PARTIAL:
+        apply_mask(dummy, p, S, ld, q_major, b, h, q0, nq, k0, nk)
+    elif mode == PAIR_BAND:
+        apply_window(S, ld, q_major, q0, nq, k0, nk, diag, p.jg.left, p.jg.right)
+
+
 cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q0,
-                         int mq, int j, bint partial, const real *Qt, real *St, real *Ks,
-                         const real **Kr, long *ldk, real *G) noexcept nogil:
-    """S^T (keys x queries) of kv block j against a q block whose Q^T, times the softmax
-    scale, is Qt; the causal rule and the mask are applied on partial blocks. The
-    forward and the dQ pass both compute their scores here, so the dQ pass reproduces
-    the forward's bitwise. Returns the block's key count and leaves its K rows (padded
-    to Dp, for a later dS K) in Kr / ldk."""
-    cdef int k0 = j * p.BN
-    cdef int nk = min(p.BN, p.Lk - k0)
+                         int mq, int k0, int nk, int mode, long long diag,
+                         const real *Qt, real *St, real *Ks, const real **Kr, long *ldk,
+                         real *G) noexcept nogil:
+    """S^T (keys x queries) of the nk keys from k0 against a q block whose Q^T, times
+    the softmax scale, is Qt; masked as `mode` says. The forward and the dQ pass both
+    compute their scores here, so the dQ pass reproduces the forward's bitwise. Leaves
+    the K rows (padded to Dp, for a later dS K) in Kr / ldk."""
     Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0, nk, p.D, p.Dp, Ks, ldk)
     # Broadcast K, vectors of Q^T.
     gemm(nk, p.BMp, p.D, Kr[0], ldk[0], 1, Qt, p.BMp, St, p.BMp, 0)
     if p.mod_score != NULL:
         apply_score_mod(dummy, p, St, G, p.BMp, 0, b, h, q0, mq, k0, nk)
-    if partial:
-        apply_mask(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0, nk)
+    mask_pair(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0, nk, mode, diag)
     return nk
+
+
+# ----------------------------------------------------------------- jagged tile ranges
+# A jagged problem's q tiles start at their sequence's first query and its kv tiles
+# at the sequence's first key, so no tile straddles two sequences; each item finds
+# the tiles it meets from the offsets and the band (no block lists).
+
+cdef inline void jg_q_tile(Problem *p, int s, int t, int *q0, int *mq) noexcept nogil:
+    q0[0] = <int>(p.jg.q0[s] + <long long>t * p.BM)
+    mq[0] = <int>min(<long long>p.BM, p.jg.q1[s] - q0[0])
+
+
+cdef inline void jg_kv_tile(Problem *p, int s, int u, int *k0, int *nk) noexcept nogil:
+    k0[0] = <int>(p.jg.k0[s] + <long long>u * p.BN)
+    nk[0] = <int>min(<long long>p.BN, p.jg.k1[s] - k0[0])
+
+
+cdef inline int jg_kv_range(Problem *p, int s, int q0, int mq, int *u0,
+                            int *u1) noexcept nogil:
+    """kv tiles u0..u1-1 of sequence s that queries q0..q0+mq-1 see. Queries whose own
+    key range is empty are dropped first; the ranges of the others shift by one per
+    query and have width >= 1, so their union is one interval."""
+    cdef long long c = p.jg.diag[s], k0 = p.jg.k0[s], k1 = p.jg.k1[s]
+    cdef long long a = max(<long long>q0, k0 - c - p.jg.right)
+    cdef long long z = min(<long long>q0 + mq - 1, k1 - 1 - c + p.jg.left)
+    cdef long long lo, hi
+    u0[0] = 0
+    u1[0] = 0
+    if a > z:
+        return 0
+    lo = max(k0, a + c - p.jg.left)
+    hi = min(k1 - 1, z + c + p.jg.right)
+    if lo > hi:
+        return 0
+    u0[0] = <int>((lo - k0) // p.BN)
+    u1[0] = <int>((hi - k0) // p.BN + 1)
+    return 1
+
+
+cdef inline int jg_q_range(Problem *p, int s, int k0, int nk, int *t0,
+                           int *t1) noexcept nogil:
+    """q tiles t0..t1-1 of sequence s whose queries see some key of k0..k0+nk-1 (the
+    union over those keys of the queries that see them is one interval, as above)."""
+    cdef long long c = p.jg.diag[s], q0 = p.jg.q0[s], q1 = p.jg.q1[s]
+    cdef long long lo = max(q0, <long long>k0 - c - p.jg.right)
+    cdef long long hi = min(q1 - 1, <long long>k0 + nk - 1 - c + p.jg.left)
+    t0[0] = 0
+    t1[0] = 0
+    if lo > hi:
+        return 0
+    t0[0] = <int>((lo - q0) // p.BM)
+    t1[0] = <int>((hi - q0) // p.BM + 1)
+    return 1
+
+
+cdef inline int jg_pair_mode(Problem *p, int s, int q0, int mq, int k0,
+                             int nk) noexcept nogil:
+    """PAIR_FULL when every query of the tile sees every key of the tile."""
+    cdef long long c = p.jg.diag[s]
+    if (<long long>k0 >= <long long>q0 + mq - 1 + c - p.jg.left
+            and <long long>k0 + nk - 1 <= <long long>q0 + c + p.jg.right):
+        return PAIR_FULL
+    return PAIR_BAND
 
 
 # ----------------------------------------------------------------------------- forward
@@ -302,14 +441,27 @@ cdef size_t fwd_scratch_elems(Problem *p) noexcept nogil:
             + 3 * <size_t>p.BMp)           # m_i, l_i, alpha
 
 
-cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
-    """One (batch, head, q block): out and lse for BLOCK_M queries."""
-    cdef long i = item % p.nqb
-    cdef long h = (item // p.nqb) % p.Hq
-    cdef long b = item // (<long>p.nqb * p.Hq)
-    cdef long hk = h // p.group
-    cdef int q0 = i * p.BM
-    cdef int mq = min(p.BM, p.Lq - q0)
+cdef inline void fwd_begin(real *dummy, Problem *p, long b, long h, int q0, int mq,
+                           real *scratch) noexcept nogil:
+    cdef int BMp = p.BMp
+    cdef real *Qt = scratch
+    cdef real *acc = Qt + <size_t>p.D * BMp + <size_t>p.BN * (BMp + p.Dp + p.Dvp)
+    cdef real *m_i = acc + <size_t>BMp * p.Dvp
+    cdef real *l_i = m_i + BMp
+    cdef int c
+    # Q^T scaled once per q block; every kv block reuses it.
+    pack_transposed(dummy, &p.q, b, h, q0, mq, p.D, BMp, <real>p.scale, Qt)
+    for c in range(BMp):
+        m_i[c] = -INFINITY
+        l_i[c] = 0
+    memset(acc, 0, <size_t>BMp * p.Dvp * sizeof(real))
+
+
+cdef inline void fwd_step(real *dummy, Problem *p, long b, long h, long hk, int q0, int mq,
+                          int k0, int nk, int mode, long long diag,
+                          real *scratch) noexcept nogil:
+    """One kv tile of the online softmax: scores, new maxima and sums, acc rescaled
+    and P V added."""
     cdef int BMp = p.BMp
     cdef real *Qt = scratch
     cdef real *St = Qt + <size_t>p.D * BMp
@@ -319,45 +471,30 @@ cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept n
     cdef real *m_i = acc + <size_t>BMp * p.Dvp
     cdef real *l_i = m_i + BMp
     cdef real *alpha = l_i + BMp
-    cdef int c, r, t, n, which, j, k0, nk
     cdef long ldk, ldv
     cdef const real *Kr
     cdef const real *Vr
-    cdef Blocks *bl
+    scores_t(dummy, p, b, h, hk, q0, mq, k0, nk, mode, diag, Qt, St, Ks, &Kr, &ldk, NULL)
+    if real is float:
+        softmax_cols_f32(nk, BMp, St, BMp, m_i, l_i, alpha)
+    else:
+        softmax_cols_f64(nk, BMp, St, BMp, m_i, l_i, alpha)
+    Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dvp, Vs, &ldv)
+    # acc (queries x Dv) = alpha * acc + P V, P read as the transpose of the S^T tile;
+    # the rescale by alpha happens as the product loads acc.
+    gemm_rs(mq, p.Dvp, nk, St, 1, BMp, Vr, ldv, acc, p.Dvp, alpha)
+
+
+cdef inline void fwd_end(real *dummy, Problem *p, long b, long h, int q0, int mq,
+                         real *scratch) noexcept nogil:
+    cdef int BMp = p.BMp
+    cdef real *acc = scratch + <size_t>p.D * BMp + <size_t>p.BN * (BMp + p.Dp + p.Dvp)
+    cdef real *m_i = acc + <size_t>BMp * p.Dvp
+    cdef real *l_i = m_i + BMp
+    cdef real *lse = <real *>p.lse
     cdef real *orow
     cdef real inv
-    cdef real *lse = <real *>p.lse
-
-    # Q^T scaled once per q block; every kv block reuses it.
-    pack_transposed(dummy, &p.q, b, h, q0, mq, p.D, BMp, <real>p.scale, Qt)
-    for c in range(BMp):
-        m_i[c] = -INFINITY
-        l_i[c] = 0
-    memset(acc, 0, <size_t>BMp * p.Dvp * sizeof(real))
-
-    # Full blocks first, then partial ones: a fixed order keeps results bitwise
-    # reproducible whatever the thread count.
-    for which in range(2):
-        bl = &p.kv_full if which == 0 else &p.kv_part
-        n = blocks_count(bl, b, h, i)
-        for t in range(n):
-            j = blocks_at(bl, b, h, i, t)
-            k0 = j * p.BN
-            nk = scores_t(dummy, p, b, h, hk, q0, mq, j, which == 1, Qt, St, Ks, &Kr, &ldk,
-                          NULL)
-            if real is float:
-                softmax_cols_f32(nk, BMp, St, BMp, m_i, l_i, alpha)
-            else:
-                softmax_cols_f64(nk, BMp, St, BMp, m_i, l_i, alpha)
-            for c in range(mq):
-                if real is float:
-                    scale_row_f32(acc + <size_t>c * p.Dvp, p.Dvp, alpha[c])
-                else:
-                    scale_row_f64(acc + <size_t>c * p.Dvp, p.Dvp, alpha[c])
-            Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dvp, Vs, &ldv)
-            # acc (queries x Dv) += P V, P read as the transpose of the S^T tile.
-            gemm(mq, p.Dvp, nk, St, 1, BMp, Vr, ldv, acc, p.Dvp, 1)
-
+    cdef int c, r
     for c in range(mq):
         orow = row_ptr(dummy, &p.o, b, h, q0 + c)
         if l_i[c] > 0:
@@ -375,6 +512,51 @@ cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept n
             (<real *>p.mx)[(b * p.Hq + h) * p.Lq + q0 + c] = m_i[c]
 
 
+cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
+    """One (batch, head, q block) of a block-list problem: out and lse for BLOCK_M
+    queries."""
+    cdef long i = item % p.nqb
+    cdef long h = (item // p.nqb) % p.Hq
+    cdef long b = item // (<long>p.nqb * p.Hq)
+    cdef long hk = h // p.group
+    cdef int q0 = i * p.BM
+    cdef int mq = min(p.BM, p.Lq - q0)
+    cdef int t, n, which, j, k0
+    cdef Blocks *bl
+    fwd_begin(dummy, p, b, h, q0, mq, scratch)
+    # Full blocks first, then partial ones: a fixed order keeps results bitwise
+    # reproducible whatever the thread count.
+    for which in range(2):
+        bl = &p.kv_full if which == 0 else &p.kv_part
+        n = blocks_count(bl, b, h, i)
+        for t in range(n):
+            j = blocks_at(bl, b, h, i, t)
+            k0 = j * p.BN
+            fwd_step(dummy, p, b, h, hk, q0, mq, k0, min(p.BN, p.Lk - k0),
+                     PAIR_PARTIAL if which == 1 else PAIR_FULL, 0, scratch)
+    fwd_end(dummy, p, b, h, q0, mq, scratch)
+
+
+cdef void fwd_item_jagged(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
+    """One (batch, head, sequence, q tile) of a jagged problem; the items of one (batch,
+    head) run in the order of the launcher's list (by sequence, costliest first)."""
+    cdef long bh = item // p.jg.n_items
+    cdef long it = item % p.jg.n_items
+    cdef long b = bh // p.Hq
+    cdef long h = bh % p.Hq
+    cdef long hk = h // p.group
+    cdef int s = p.jg.items[2 * it]
+    cdef int q0, mq, k0, nk, u, u0, u1
+    jg_q_tile(p, s, p.jg.items[2 * it + 1], &q0, &mq)
+    fwd_begin(dummy, p, b, h, q0, mq, scratch)
+    if jg_kv_range(p, s, q0, mq, &u0, &u1):
+        for u in range(u0, u1):
+            jg_kv_tile(p, s, u, &k0, &nk)
+            fwd_step(dummy, p, b, h, hk, q0, mq, k0, nk, jg_pair_mode(p, s, q0, mq, k0, nk),
+                     p.jg.diag[s], scratch)
+    fwd_end(dummy, p, b, h, q0, mq, scratch)
+
+
 cdef inline size_t round64(size_t n_elems, size_t itemsize) noexcept nogil:
     """Per-thread scratch stride in elements, rounded to a cache line so threads never
     share one."""
@@ -382,11 +564,17 @@ cdef inline size_t round64(size_t n_elems, size_t itemsize) noexcept nogil:
 
 
 cdef void fwd_run(real *dummy, Problem *p, int nthreads, real *scratch) noexcept nogil:
-    cdef long n_items = <long>p.B * p.Hq * p.nqb
     cdef size_t stride = round64(fwd_scratch_elems(p), sizeof(real))
+    cdef long n_items
     cdef long item
-    for item in prange(n_items, schedule='dynamic', num_threads=nthreads):
-        fwd_item(dummy, p, item, scratch + threadid() * stride)
+    if p.jagged:
+        n_items = <long>p.B * p.Hq * p.jg.n_items
+        for item in prange(n_items, schedule='dynamic', num_threads=nthreads):
+            fwd_item_jagged(dummy, p, item, scratch + threadid() * stride)
+    else:
+        n_items = <long>p.B * p.Hq * p.nqb
+        for item in prange(n_items, schedule='dynamic', num_threads=nthreads):
+            fwd_item(dummy, p, item, scratch + threadid() * stride)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -402,14 +590,34 @@ cdef size_t kv_scratch_elems(Problem *p) noexcept nogil:
             + 2 * <size_t>p.BMp)           # lse, delta of the q block
 
 
-cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
-                  real *scratch) noexcept nogil:
-    """dK and dV of one kv block (accumulated over the q heads of its GQA group and over
-    the q blocks that see it); with fuse_dq also adds this block's share of dQ, which
-    is only race-free when one item owns every kv block of its (batch, kv head)."""
+cdef inline void kv_begin(real *dummy, Problem *p, long b, long hk, int k0, int nk,
+                          int fuse_dq, real *scratch, const real **Kr,
+                          long *ldk) noexcept nogil:
+    """Packs K^T and V^T of the kv tile (and its K rows for a fused dQ) and zeroes its
+    dK / dV rows."""
     cdef int BNp = p.BNp
-    cdef int k0 = j * p.BN
-    cdef int nk = min(p.BN, p.Lk - k0)
+    cdef real *Kt = scratch
+    cdef real *Vt = Kt + <size_t>p.D * BNp
+    cdef real *Ks = Vt + <size_t>p.Dv * BNp
+    pack_transposed(dummy, &p.k, b, hk, k0, nk, p.D, BNp, 1, Kt)
+    pack_transposed(dummy, &p.v, b, hk, k0, nk, p.Dv, BNp, 1, Vt)
+    Kr[0] = NULL
+    ldk[0] = 0
+    if fuse_dq:
+        Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0, nk, p.D, p.Dp, Ks, ldk)
+    memset(<real *>p.dk + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dp, 0,
+           <size_t>nk * p.Dp * sizeof(real))
+    memset(<real *>p.dv + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dvp, 0,
+           <size_t>nk * p.Dvp * sizeof(real))
+
+
+cdef inline void kv_pair(real *dummy, Problem *p, long b, long h, long hk, int q0, int mq,
+                         int k0, int nk, int mode, long long diag, int fuse_dq,
+                         const real *Kr, long ldk, real *scratch) noexcept nogil:
+    """One q tile's contribution to the dK / dV of a kv tile (kv_begin packed it), and
+    with fuse_dq its share of dQ (race-free only when one item owns every kv tile its
+    q tiles see)."""
+    cdef int BNp = p.BNp
     cdef real *Kt = scratch
     cdef real *Vt = Kt + <size_t>p.D * BNp
     cdef real *Ks = Vt + <size_t>p.Dv * BNp
@@ -425,22 +633,50 @@ cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
     cdef real *dV = <real *>p.dv + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dvp
     cdef real *lse = <real *>p.lse
     cdef real *delta = <real *>p.delta
+    cdef long row = (b * p.Hq + h) * p.Lq + q0
     cdef real *dQ
-    cdef const real *Kr = NULL
     cdef const real *Qr
     cdef const real *dOr
-    cdef long ldk = 0, ldq, ldo, row
-    cdef int g, which, n, t, i, q0, mq, r
+    cdef long ldq, ldo
+    cdef int r
+    for r in range(mq):
+        lr[r] = lse_for_bwd(lse[row + r])
+        dl[r] = delta[row + r]
+    Qr = rows_or_pack(dummy, &p.q, b, h, q0, mq, p.D, p.Dp, Qs, &ldq)
+    pack_rows(dummy, &p.q, b, h, q0, mq, p.D, <real>p.scale, Qsc)
+    dOr = rows_or_pack(dummy, &p.do, b, h, q0, mq, p.Dv, p.Dvp, dOs, &ldo)
+    # S = Q K^T * scale (queries x keys), dP = dO V^T.
+    gemm(mq, BNp, p.D, Qsc, p.D, 1, Kt, BNp, S, BNp, 0)
+    if p.mod_score != NULL:
+        apply_score_mod(dummy, p, S, G, BNp, 1, b, h, q0, mq, k0, nk)
+    mask_pair(dummy, p, S, BNp, 1, b, h, q0, mq, k0, nk, mode, diag)
+    gemm(mq, BNp, p.Dv, dOr, ldo, 1, Vt, BNp, dP, BNp, 0)
+    if real is float:
+        bwd_rows_f32(mq, BNp, S, BNp, dP, BNp, lr, dl)
+    else:
+        bwd_rows_f64(mq, BNp, S, BNp, dP, BNp, lr, dl)
+    if p.mod_score != NULL:
+        chain_score_grad(dP, G, BNp, mq, nk)
+    # dV += P^T dO and dK += dS^T Q (unscaled; the launcher applies scale).
+    gemm(nk, p.Dvp, mq, S, 1, BNp, dOr, ldo, dV, p.Dvp, 1)
+    gemm(nk, p.Dp, mq, dP, 1, BNp, Qr, ldq, dK, p.Dp, 1)
+    if fuse_dq:
+        dQ = <real *>p.dq + row * <long>p.Dp
+        gemm(mq, p.Dp, nk, dP, BNp, 1, Kr, ldk, dQ, p.Dp, 1)
+
+
+cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
+                  real *scratch) noexcept nogil:
+    """dK and dV of one kv block of a block-list problem (accumulated over the q heads
+    of its GQA group and over the q blocks that see it)."""
+    cdef int k0 = j * p.BN
+    cdef int nk = min(p.BN, p.Lk - k0)
+    cdef const real *Kr
+    cdef long ldk
+    cdef int g, which, n, t, i, q0
     cdef long h
     cdef Blocks *bl
-
-    pack_transposed(dummy, &p.k, b, hk, k0, nk, p.D, BNp, 1, Kt)
-    pack_transposed(dummy, &p.v, b, hk, k0, nk, p.Dv, BNp, 1, Vt)
-    if fuse_dq:
-        Kr = rows_or_pack(dummy, &p.k, b, hk, k0, nk, p.D, p.Dp, Ks, &ldk)
-    memset(dK, 0, <size_t>nk * p.Dp * sizeof(real))
-    memset(dV, 0, <size_t>nk * p.Dvp * sizeof(real))
-
+    kv_begin(dummy, p, b, hk, k0, nk, fuse_dq, scratch, &Kr, &ldk)
     for g in range(p.group):
         h = hk * p.group + g
         for which in range(2):
@@ -449,33 +685,28 @@ cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,
             for t in range(n):
                 i = blocks_at(bl, b, h, j, t)
                 q0 = i * p.BM
-                mq = min(p.BM, p.Lq - q0)
-                row = (b * p.Hq + h) * p.Lq + q0
-                for r in range(mq):
-                    lr[r] = lse_for_bwd(lse[row + r])
-                    dl[r] = delta[row + r]
-                Qr = rows_or_pack(dummy, &p.q, b, h, q0, mq, p.D, p.Dp, Qs, &ldq)
-                pack_rows(dummy, &p.q, b, h, q0, mq, p.D, <real>p.scale, Qsc)
-                dOr = rows_or_pack(dummy, &p.do, b, h, q0, mq, p.Dv, p.Dvp, dOs, &ldo)
-                # S = Q K^T * scale (queries x keys), dP = dO V^T.
-                gemm(mq, BNp, p.D, Qsc, p.D, 1, Kt, BNp, S, BNp, 0)
-                if p.mod_score != NULL:
-                    apply_score_mod(dummy, p, S, G, BNp, 1, b, h, q0, mq, k0, nk)
-                if which == 1:
-                    apply_mask(dummy, p, S, BNp, 1, b, h, q0, mq, k0, nk)
-                gemm(mq, BNp, p.Dv, dOr, ldo, 1, Vt, BNp, dP, BNp, 0)
-                if real is float:
-                    bwd_rows_f32(mq, BNp, S, BNp, dP, BNp, lr, dl)
-                else:
-                    bwd_rows_f64(mq, BNp, S, BNp, dP, BNp, lr, dl)
-                if p.mod_score != NULL:
-                    chain_score_grad(dP, G, BNp, mq, nk)
-                # dV += P^T dO and dK += dS^T Q (unscaled; the launcher applies scale).
-                gemm(nk, p.Dvp, mq, S, 1, BNp, dOr, ldo, dV, p.Dvp, 1)
-                gemm(nk, p.Dp, mq, dP, 1, BNp, Qr, ldq, dK, p.Dp, 1)
-                if fuse_dq:
-                    dQ = <real *>p.dq + row * <long>p.Dp
-                    gemm(mq, p.Dp, nk, dP, BNp, 1, Kr, ldk, dQ, p.Dp, 1)
+                kv_pair(dummy, p, b, h, hk, q0, min(p.BM, p.Lq - q0), k0, nk,
+                        PAIR_PARTIAL if which == 1 else PAIR_FULL, 0, fuse_dq, Kr, ldk,
+                        scratch)
+
+
+cdef void kv_item_jagged(real *dummy, Problem *p, long b, long hk, int s, int u,
+                         int fuse_dq, real *scratch) noexcept nogil:
+    """dK and dV of kv tile u of jagged sequence s (q tiles of s only)."""
+    cdef int k0, nk, q0, mq, g, t, t0, t1
+    cdef const real *Kr
+    cdef long ldk
+    cdef long h
+    jg_kv_tile(p, s, u, &k0, &nk)
+    kv_begin(dummy, p, b, hk, k0, nk, fuse_dq, scratch, &Kr, &ldk)
+    if not jg_q_range(p, s, k0, nk, &t0, &t1):
+        return
+    for g in range(p.group):
+        h = hk * p.group + g
+        for t in range(t0, t1):
+            jg_q_tile(p, s, t, &q0, &mq)
+            kv_pair(dummy, p, b, h, hk, q0, mq, k0, nk, jg_pair_mode(p, s, q0, mq, k0, nk),
+                    p.jg.diag[s], fuse_dq, Kr, ldk, scratch)
 
 
 cdef size_t q_scratch_elems(Problem *p) noexcept nogil:
@@ -487,36 +718,19 @@ cdef size_t q_scratch_elems(Problem *p) noexcept nogil:
             + 2 * <size_t>p.BMp)           # lse, delta columns
 
 
-cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
-    """dQ of one (batch, head, q block), recomputing P and dS from the saved lse."""
-    cdef long i = item % p.nqb
-    cdef long h = (item // p.nqb) % p.Hq
-    cdef long b = item // (<long>p.nqb * p.Hq)
-    cdef long hk = h // p.group
+cdef inline void q_begin(real *dummy, Problem *p, long b, long h, int q0, int mq,
+                         real *scratch) noexcept nogil:
     cdef int BMp = p.BMp
-    cdef int q0 = i * p.BM
-    cdef int mq = min(p.BM, p.Lq - q0)
     cdef real *Qt = scratch
     cdef real *dOt = Qt + <size_t>p.D * BMp
-    cdef real *Ks = dOt + <size_t>p.Dv * BMp
-    cdef real *Vs = Ks + <size_t>p.BN * p.Dp
-    cdef real *St = Vs + <size_t>p.BN * p.Dvp
-    cdef real *dPt = St + <size_t>p.BN * BMp
-    cdef real *Gt = dPt + <size_t>p.BN * BMp
-    cdef real *lc = Gt + <size_t>p.BN * BMp
+    cdef real *lc = dOt + <size_t>p.Dv * BMp + <size_t>p.BN * (p.Dp + p.Dvp + 3 * BMp)
     cdef real *dl = lc + BMp
     cdef long row = (b * p.Hq + h) * p.Lq + q0
-    cdef real *dQ = <real *>p.dq + row * <long>p.Dp
     cdef real *lse = <real *>p.lse
     cdef real *delta = <real *>p.delta
-    cdef const real *Kr
-    cdef const real *Vr
-    cdef long ldk, ldv
-    cdef int which, n, t, j, k0, nk, c
-    cdef Blocks *bl
-
-    # Q^T scaled exactly as the forward packs it: the scores below are bitwise the
-    # forward's, so P is consistent with the saved lse.
+    cdef int c
+    # Q^T scaled exactly as the forward packs it: the scores are bitwise the forward's,
+    # so P is consistent with the saved lse.
     pack_transposed(dummy, &p.q, b, h, q0, mq, p.D, BMp, <real>p.scale, Qt)
     pack_transposed(dummy, &p.do, b, h, q0, mq, p.Dv, BMp, 1, dOt)
     for c in range(BMp):
@@ -526,31 +740,112 @@ cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nog
         else:
             lc[c] = INFINITY
             dl[c] = 0
-    memset(dQ, 0, <size_t>mq * p.Dp * sizeof(real))
+    memset(<real *>p.dq + row * <long>p.Dp, 0, <size_t>mq * p.Dp * sizeof(real))
 
+
+cdef inline void q_pair(real *dummy, Problem *p, long b, long h, long hk, int q0, int mq,
+                        int k0, int nk, int mode, long long diag,
+                        real *scratch) noexcept nogil:
+    """dQ of a q tile (q_begin packed it) += dS K over one kv tile, recomputing P and
+    dS from the saved lse."""
+    cdef int BMp = p.BMp
+    cdef real *Qt = scratch
+    cdef real *dOt = Qt + <size_t>p.D * BMp
+    cdef real *Ks = dOt + <size_t>p.Dv * BMp
+    cdef real *Vs = Ks + <size_t>p.BN * p.Dp
+    cdef real *St = Vs + <size_t>p.BN * p.Dvp
+    cdef real *dPt = St + <size_t>p.BN * BMp
+    cdef real *Gt = dPt + <size_t>p.BN * BMp
+    cdef real *lc = Gt + <size_t>p.BN * BMp
+    cdef real *dl = lc + BMp
+    cdef real *dQ = <real *>p.dq + ((b * p.Hq + h) * p.Lq + q0) * <long>p.Dp
+    cdef const real *Kr
+    cdef const real *Vr
+    cdef long ldk, ldv
+    scores_t(dummy, p, b, h, hk, q0, mq, k0, nk, mode, diag, Qt, St, Ks, &Kr, &ldk, Gt)
+    Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dv, Vs, &ldv)
+    # dP^T = V dO^T (keys x queries).
+    gemm(nk, BMp, p.Dv, Vr, ldv, 1, dOt, BMp, dPt, BMp, 0)
+    if real is float:
+        bwd_cols_f32(nk, BMp, St, BMp, dPt, BMp, lc, dl)
+    else:
+        bwd_cols_f64(nk, BMp, St, BMp, dPt, BMp, lc, dl)
+    if p.mod_score != NULL:
+        chain_score_grad(dPt, Gt, BMp, nk, mq)
+    # dQ (queries x D) += dS K, dS read as the transpose of dS^T.
+    gemm(mq, p.Dp, nk, dPt, 1, BMp, Kr, ldk, dQ, p.Dp, 1)
+
+
+cdef void q_item(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
+    """dQ of one (batch, head, q block) of a block-list problem."""
+    cdef long i = item % p.nqb
+    cdef long h = (item // p.nqb) % p.Hq
+    cdef long b = item // (<long>p.nqb * p.Hq)
+    cdef long hk = h // p.group
+    cdef int q0 = i * p.BM
+    cdef int mq = min(p.BM, p.Lq - q0)
+    cdef int which, n, t, j, k0
+    cdef Blocks *bl
+    q_begin(dummy, p, b, h, q0, mq, scratch)
     for which in range(2):
         bl = &p.kv_full if which == 0 else &p.kv_part
         n = blocks_count(bl, b, h, i)
         for t in range(n):
             j = blocks_at(bl, b, h, i, t)
             k0 = j * p.BN
-            nk = scores_t(dummy, p, b, h, hk, q0, mq, j, which == 1, Qt, St, Ks, &Kr, &ldk,
-                          Gt)
-            Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dv, Vs, &ldv)
-            # dP^T = V dO^T (keys x queries).
-            gemm(nk, BMp, p.Dv, Vr, ldv, 1, dOt, BMp, dPt, BMp, 0)
-            if real is float:
-                bwd_cols_f32(nk, BMp, St, BMp, dPt, BMp, lc, dl)
-            else:
-                bwd_cols_f64(nk, BMp, St, BMp, dPt, BMp, lc, dl)
-            if p.mod_score != NULL:
-                chain_score_grad(dPt, Gt, BMp, nk, mq)
-            # dQ (queries x D) += dS K, dS read as the transpose of dS^T.
-            gemm(mq, p.Dp, nk, dPt, 1, BMp, Kr, ldk, dQ, p.Dp, 1)
+            q_pair(dummy, p, b, h, hk, q0, mq, k0, min(p.BN, p.Lk - k0),
+                   PAIR_PARTIAL if which == 1 else PAIR_FULL, 0, scratch)
+
+
+cdef void q_item_jagged(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
+    """dQ of one (batch, head, sequence, q tile) of a jagged problem."""
+    cdef long bh = item // p.jg.n_items
+    cdef long it = item % p.jg.n_items
+    cdef long b = bh // p.Hq
+    cdef long h = bh % p.Hq
+    cdef long hk = h // p.group
+    cdef int s = p.jg.items[2 * it]
+    cdef int q0, mq, k0, nk, u, u0, u1
+    jg_q_tile(p, s, p.jg.items[2 * it + 1], &q0, &mq)
+    q_begin(dummy, p, b, h, q0, mq, scratch)
+    if jg_kv_range(p, s, q0, mq, &u0, &u1):
+        for u in range(u0, u1):
+            jg_kv_tile(p, s, u, &k0, &nk)
+            q_pair(dummy, p, b, h, hk, q0, mq, k0, nk, jg_pair_mode(p, s, q0, mq, k0, nk),
+                   p.jg.diag[s], scratch)
 
 
 cdef size_t bwd_scratch_elems(Problem *p) noexcept nogil:
     return max(kv_scratch_elems(p), q_scratch_elems(p))
+
+
+cdef void bwd_run_jagged(real *dummy, Problem *p, int nthreads, int fused,
+                         real *scratch) noexcept nogil:
+    cdef size_t stride = round64(bwd_scratch_elems(p), sizeof(real))
+    cdef long nbh = <long>p.B * p.Hkv
+    cdef long item, it, bh
+    cdef int s, u, u1
+    if fused:
+        # One item per (batch, kv head, sequence) owns every kv tile of its sequence,
+        # and only that sequence's q tiles see them: dQ is added without races.
+        for item in prange(nbh * p.jg.n_seq_items, schedule='dynamic',
+                           num_threads=nthreads):
+            it = item // nbh
+            bh = item % nbh
+            s = p.jg.seq_items[it]
+            u1 = <int>((p.jg.k1[s] - p.jg.k0[s] + p.BN - 1) // p.BN)
+            for u in range(u1):
+                kv_item_jagged(dummy, p, bh // p.Hkv, bh % p.Hkv, s, u, 1,
+                               scratch + threadid() * stride)
+    else:
+        for item in prange(nbh * p.jg.n_kv, schedule='dynamic', num_threads=nthreads):
+            it = item % p.jg.n_kv
+            bh = item // p.jg.n_kv
+            kv_item_jagged(dummy, p, bh // p.Hkv, bh % p.Hkv, p.jg.kv_items[2 * it],
+                           p.jg.kv_items[2 * it + 1], 0, scratch + threadid() * stride)
+        for item in prange(<long>p.B * p.Hq * p.jg.n_items, schedule='dynamic',
+                           num_threads=nthreads):
+            q_item_jagged(dummy, p, item, scratch + threadid() * stride)
 
 
 cdef void bwd_run(real *dummy, Problem *p, int nthreads, int fused,
@@ -561,7 +856,9 @@ cdef void bwd_run(real *dummy, Problem *p, int nthreads, int fused,
     cdef size_t stride = round64(bwd_scratch_elems(p), sizeof(real))
     cdef long item
     cdef int j
-    if fused:
+    if p.jagged:
+        bwd_run_jagged(dummy, p, nthreads, fused, scratch)
+    elif fused:
         # One item per (batch, kv head) owns all its kv blocks, so it can add into dQ
         # without races and without recomputing P: used when the heads alone keep
         # every thread busy (attn.cpu chooses the schedule).
@@ -641,6 +938,25 @@ cdef void set_problem(Problem *p, dict a) except *:
     p.mod_score_grad = <void *><size_t>mods[3]
     p.score_bufs = <void **><size_t>mods[4]
     p.mx = <char *><size_t>a.get("max_scores", 0)
+    # jagged: (nseq, (q0, q1, k0, k1, diag) int64 pointers, left, right,
+    # (items ptr, n), (kv_items ptr, n), (seq_items ptr, n)); absent = block lists.
+    jg = a.get("jagged")
+    memset(&p.jg, 0, sizeof(Jagged))
+    p.jagged = jg is not None
+    if jg is not None:
+        p.jg.nseq = jg[0]
+        p.jg.q0 = <const long long *><size_t>jg[1][0]
+        p.jg.q1 = <const long long *><size_t>jg[1][1]
+        p.jg.k0 = <const long long *><size_t>jg[1][2]
+        p.jg.k1 = <const long long *><size_t>jg[1][3]
+        p.jg.diag = <const long long *><size_t>jg[1][4]
+        p.jg.left, p.jg.right = jg[2], jg[3]
+        p.jg.items = <const int *><size_t>jg[4][0]
+        p.jg.n_items = jg[4][1]
+        p.jg.kv_items = <const int *><size_t>jg[5][0]
+        p.jg.n_kv = jg[5][1]
+        p.jg.seq_items = <const int *><size_t>jg[6][0]
+        p.jg.n_seq_items = jg[6][1]
 
 
 cdef void *alloc_scratch(size_t per_thread_elems, size_t itemsize, int nthreads) except NULL:
