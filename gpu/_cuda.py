@@ -275,8 +275,8 @@ class Bound:
     The frozen tensors (block lists, dummies) are referenced here, so their device
     memory outlives any cache that created them."""
 
-    __slots__ = ("buf", "params_arg", "slots", "handle", "grid", "block", "shmem",
-                 "fn", "keep")
+    __slots__ = ("buf", "params_arg", "slots", "head", "grid", "block", "shmem", "fn",
+                 "keep")
 
     def __init__(self, fast: "_FastLaunch", grid, block, shmem, args, dynamic):
         # Word 4 of an array's 7 is its data pointer. A dynamic tensor may fill several
@@ -306,18 +306,31 @@ class Bound:
         self.keep = ((ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)]), frozen)
         self.params_arg = ctypes.cast(self.keep[0], ctypes.c_void_p)
         self.slots = tuple(slots)
-        self.handle, self.fn = fast.handle, fast.cuLaunchKernel
+        # Launch arguments as ready ctypes objects for a prototype-less cuLaunchKernel:
+        # ctypes then converts nothing per call (about 1 us of the ~8 us the call took
+        # with argtypes and Python ints).
+        u = ctypes.c_uint
+        gx, gy = grid
+        self.fn = _libcuda_launch_raw()
+        self.head = (fast.handle, u(gx), u(gy), u(1), u(block), u(1), u(1), u(shmem))
         self.grid, self.block, self.shmem = grid, block, shmem
 
     def __call__(self, ptrs, device_index):
         buf = self.buf
         for j, s in self.slots:
             buf[s] = ptrs[j]
-        gx, gy = self.grid
-        r = self.fn(self.handle, gx, gy, 1, self.block, 1, 1, self.shmem,
-                    _stream_handle(device_index), self.params_arg, None)
+        h = _stream_handle(device_index)
+        st = _stream_args.get(h)
+        if st is None:
+            import ctypes
+
+            st = _stream_args[h] = ctypes.c_void_p(h)
+        r = self.fn(*self.head, st, self.params_arg, None)
         if r != 0:
             raise RuntimeError(f"attn.gpu: cuLaunchKernel failed with CUresult {r}")
+
+
+_stream_args: dict = {}  # stream handle -> its ctypes argument, made once
 
 
 class _Capture:
@@ -367,6 +380,20 @@ def bind(kernel, grid, block, shmem, args, dynamic_tensors):
 
 
 _launch_fn = None
+_launch_raw = None
+
+
+def _libcuda_launch_raw():
+    """cuLaunchKernel without an argtypes prototype: every argument must be passed as
+    the ctypes object of its C type (Bound does)."""
+    global _launch_raw
+    if _launch_raw is None:
+        import ctypes
+
+        f = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+        f.restype = ctypes.c_int
+        _launch_raw = f
+    return _launch_raw
 
 
 def _libcuda_launch():
