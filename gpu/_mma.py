@@ -45,7 +45,7 @@ from functools import lru_cache
 import numpy as np
 
 from ._cuda import SIM, cuda, float32, int32
-from ._kernels import _block_at, _hooks, _storer
+from ._kernels import _JIT, _block_at, _hooks, _storer
 from ._ptx import SCRATCH_WORDS, gaddr, ops
 
 __all__ = ["forward_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
@@ -55,7 +55,7 @@ ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 LOG2E = np.float32(1.4426950408889634)
 LN2 = np.float32(0.6931471805599453)
-_JIT = dict(cache=not SIM)
+# _JIT (disk cache; line info under ATTN_GPU_LINEINFO=1) is shared with the SIMT kernels.
 
 # Tile configurations (warps, m16 tiles per warp, keys per kv block, Q fragments in
 # registers). Two m16 tiles per warp use every K/V fragment read from shared memory
