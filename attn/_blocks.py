@@ -4,6 +4,9 @@ The kernels walk, for every q block, a list of kv blocks: *full* blocks need no
 masking, *partial* blocks evaluate the causal rule / attention mask per element.
 Dense and causal attention are such lists too; this module classifies the blocks and
 each launcher packs them in its kernels' format.
+
+Jagged batches can instead be described by their offsets (:class:`JaggedBand`): the
+CPU kernels then tile every sequence from its own start and need no lists.
 """
 from __future__ import annotations
 

@@ -14,8 +14,15 @@ which the launcher upcasts) or double.
 Work is described as lists of kv blocks per q block, in FlexAttention's layout: for
 every (batch, head, q block) a count and indices of *full* blocks (nothing masked) and
 of *partial* blocks (the causal rule and the attention mask are evaluated per element).
-Dense and causal attention are lists the launcher builds; block masks and jagged
-batches plug into the same loops. The dK/dV pass walks the transposed lists.
+Dense and causal attention are lists the launcher builds; block masks plug into the
+same loops. The dK/dV pass walks the transposed lists.
+
+Jagged batches (packed variable-length sequences) have a second schedule (Problem.jagged):
+q tiles start at each sequence's first query and kv tiles at its first key, so no tile
+straddles two sequences; every item finds its tiles from the per-sequence offsets and
+band (query t sees key j when t + diag - left <= j <= t + diag + right), full tiles
+need no mask and partial ones get the band's edges filled. The per-pair work (fwd_step,
+kv_pair, q_pair) is shared by both schedules.
 """
 from cython.parallel cimport prange, threadid
 from libc.stdlib cimport free
