@@ -15,25 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 import attn  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import timed  # noqa: E402
+
 try:
     from attn import gpu
 except ImportError:
     attn.__path__.append(ROOT)
     from attn import gpu
-
-
-def timed(fn, reps=10):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 rows = []
@@ -62,13 +51,13 @@ for D in (64, 128):
             with torch.no_grad(), sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
                 F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        res["attn fwd"] = fl / timed(ours_f) / 1e12
+        res["attn fwd"] = fl / timed(ours_f, 10, 3) / 1e12
         for mode in ("split", "atomic"):
             os.environ["ATTN_GPU_BWD"] = mode
-            res[f"attn fwd+bwd {mode}"] = 3.5 * fl / timed(ours_fb) / 1e12
+            res[f"attn fwd+bwd {mode}"] = 3.5 * fl / timed(ours_fb, 10, 3) / 1e12
         os.environ.pop("ATTN_GPU_BWD")
-        res["EFFICIENT fwd"] = fl / timed(eff_f) / 1e12
-        res["EFFICIENT fwd+bwd"] = 3.5 * fl / timed(eff_fb) / 1e12
+        res["EFFICIENT fwd"] = fl / timed(eff_f, 10, 3) / 1e12
+        res["EFFICIENT fwd+bwd"] = 3.5 * fl / timed(eff_fb, 10, 3) / 1e12
         rows.append(res)
         print(json.dumps({k_: (round(v_, 2) if isinstance(v_, float) else v_)
                           for k_, v_ in res.items()}), flush=True)

@@ -17,6 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 import attn  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import timed  # noqa: E402
+
 try:
     from attn import gpu  # noqa: F401
 except ImportError:
@@ -24,20 +27,6 @@ except ImportError:
     from attn import gpu  # noqa: F401
 
 torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def timed(fn, reps=7):
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 PEERS = {"EFFICIENT": SDPBackend.EFFICIENT_ATTENTION, "FLASH": SDPBackend.FLASH_ATTENTION,
@@ -78,7 +67,7 @@ for dtype in (torch.float32, torch.bfloat16):
                 for name, (fwd, fb) in cands.items():
                     for mode, fn, mult in (("fwd", fwd, 1.0), ("fwd+bwd", fb, 3.5)):
                         try:
-                            row[mode][name] = mult * fl / timed(fn) / 1e12
+                            row[mode][name] = mult * fl / timed(fn, 7, 2) / 1e12
                         except Exception as e:  # a peer refusing a shape
                             row[mode][name] = None
                             row.setdefault("errors", {})[f"{name} {mode}"] = str(e)[:120]
