@@ -26,7 +26,7 @@ from attn._blocks import dense_block_classes
 
 from . import _cuda
 from ._cuda import SIM, launch
-from . import _kernels, _mma
+from . import _kernels, _mma, _mma_bwd
 
 __all__ = ["SIM", "available", "forward", "backward", "tilings", "Tiling", "GpuMods",
            "flex_reasons"]
@@ -426,6 +426,30 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
             (kvf_n, kvf_i, kvp_n, kvp_i, ncols), rows, cols)
 
 
+# The tensor-core backward (gpu/_mma_bwd.py) for float16/bfloat16 when dQ may be
+# accumulated by atomics: ATTN_GPU_MMA_BWD=0 keeps the SIMT dK/dV kernel (the switch
+# exists so a failing device check can turn the default off in one place).
+MMA_BACKWARD = os.environ.get("ATTN_GPU_MMA_BWD", "1").strip() != "0"
+
+
+def mma_bwd_reasons(dtype, D, Dv, tiling=None, block_size=None, atomic=True) -> list[str]:
+    """Why a backward runs the SIMT dK/dV kernel instead of the tensor-core one
+    (gpu/_mma_bwd.py): empty when the tensor-core kernel serves it."""
+    r = _mma_bwd.reasons(_KIND[dtype], D, Dv)
+    if not MMA_BACKWARD:
+        r.append("ATTN_GPU_MMA_BWD=0 (attn.gpu.MMA_BACKWARD is off)")
+    if not atomic:
+        r.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
+    if tiling is not None:
+        r.append("an explicit SIMT tiling was asked for")
+    if block_size is not None:
+        BM, BN = _mma_bwd.tile(D, Dv)
+        if block_size[0] % BM or block_size[1] % BN:
+            r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
+                     f"tensor-core backward's {BM}x{BN} tiles")
+    return r
+
+
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
              is_causal=False, scale=None, tiling=None, flex=None):
     """dq, dk, dv in the input dtypes. grad_lse (optional) is the gradient reaching lse.
@@ -513,6 +537,11 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
 
     t = ts["dkdv"]
     BN, BM = t.rows, t.cols  # rows of this kernel's tiles are keys
+    tc = not mma_bwd_reasons(q.dtype, D, Dv, tiling,
+                             flex.block_mask.BLOCK_SIZE if sparse else None,
+                             dqa is not None)
+    if tc:
+        BM, BN = _mma_bwd.tile(D, Dv)
     lb = lh = 0
     if sparse:
         _, (qf_n, qf_i, qp_n, qp_i, ncols), _, (lb, lh) = _flex_lists(flex, BM, BN,
@@ -520,14 +549,20 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
     else:
         _, (qf_n, qf_i, qp_n, qp_i, ncols) = _dense_lists(Lq, Lk, BM, BN, causal,
                                                           m is not None, q.device)
-    kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None, mods,
-                                dqa is not None)
-    launch(kern, (-(-Lk // BN), B * Hkv), t.threads, (
+    if tc:
+        kern = _mma_bwd.dkdv_kernel(kind, D, Dv, causal, m is not None, mods)
+        nth = _mma_bwd.threads(D, Dv)
+        shmem = _mma_bwd.shared_bytes(D, Dv, m is not None or mods is not None)
+    else:
+        kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None, mods,
+                                    dqa is not None)
+        nth, shmem = t.threads, _shmem("dkdv", t, D, Dv)
+    launch(kern, (-(-Lk // BN), B * Hkv), nth, (
         *common, dk, dv, dqa if dqa is not None else _dummy(q.device), *strides,
         *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Lq, Lk, scale,
         qf_n, qf_i,
         qp_n, qp_i, ncols, lb, lh, *bufs,
-    ), q.device.index, _shmem("dkdv", t, D, Dv))
+    ), q.device.index, shmem)
     if dqa is not None:
         return
 

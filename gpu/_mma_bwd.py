@@ -1,0 +1,506 @@
+"""Tensor-core (mma.sync m16n8k16) FlashAttention-2 backward for float16/bfloat16 inputs.
+
+The dK/dV kernel with dQ by float32 atomics (gpu/_kernels.py, ``dkdv_kernel`` with
+ATOMIC_DQ) on tensor cores: the same argument list, the same transposed block lists
+(one CTA per (kv block, batch * kv head), looping over the query heads of the GQA
+group and the q blocks that see the kv block: full blocks first, then partial ones,
+which alone evaluate causal, attn_mask and mask_mod), the same outputs (dk, dv in the
+input dtype through any output strides, dQ added into the zeroed float32 (B, Hq, Lq, D)
+accumulator ``dqa``). Built from gpu/_ptx.py's fragment operations and gpu/_mma.py's
+tile loaders.
+
+CTA: NW warps, BLOCK_N = 16*NW keys (warp w owns keys 16w..16w+15), BLOCK_M queries
+per q block. Per q block, per warp (rows: its 16 keys, columns: the block's queries):
+
+* S^T = K Q^T and dP^T = V dO^T: A fragments of the warp's K and V rows (kept in
+  registers at D <= 64, re-read by ldmatrix otherwise), B fragments by ldmatrix of
+  the row-major Q and dO tiles (a row-major (query, dim) tile is the column-major B).
+* P^T = exp2(S^T * scale*log2(e) - lse*log2(e)), dS^T = P^T (dP^T - delta): lse and
+  delta per query column from shared memory; a query whose lse is -inf (it saw no key)
+  and queries past Lq get lse = +inf there, so P = 0, never NaN; keys past Lk get a
+  -inf row bias.
+* dV += P^T dO and dK += dS^T Q: the C fragments of two adjacent m16n8 tiles, packed to
+  bf16/f16 pairs, are the A fragment of one m16k16 tile (as P in the forward); dO and Q
+  as B operands by ldmatrix.trans of their row-major tiles.
+* dQ += scale * dS K: dS^T goes to shared memory (the packed pairs, one 32-bit store
+  each), then after a barrier the warps share the (16 queries x 16 dims) tiles of the
+  q block's dQ: A = dS by ldmatrix.trans of the dS^T tile (the transposed load of a
+  (key, query) tile is the (query, key) A fragment), B = K by ldmatrix.trans, float32
+  C fragments added into ``dqa`` with atomics.
+
+The softmax scale: K and Q are not pre-scaled (that would round them once more), so
+S^T is scaled in the exponent, dK is scaled once at the end and each dQ tile before
+its atomics (the SIMT kernel stages K times scale, which gives the same products).
+
+Q, dO (and lse, delta) are double-buffered: the cp.async copies of the next q block
+(of this head or the next head of the group) are issued before the current one is
+computed. Two barriers per q block: after the copies land, and after dS^T is in
+shared memory; the next block's copies (into the other buffer) and dS^T writes come
+after the second barrier, when every warp is done with what they overwrite.
+
+Mods and attn_mask (``MODS``): S and dP go to a per-lane shared copy, where the
+per-element work (score_mod and its derivative, mask_mod, the additive mask) runs
+rolled or not as the compiler likes, so the register fragments stay unrolled (the
+forward's lesson, bench/NOTES.md G7).
+"""
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+from functools import lru_cache
+
+import numpy as np
+
+from ._cuda import SIM, cuda, float32, int32
+from ._kernels import _block_at, _hooks
+from ._mma import LOG2E, MAX_D, NEG_INF, ONE, ZERO, _JIT, _loader, vec_ok
+from ._ptx import SCRATCH_WORDS, ops
+
+__all__ = ["dkdv_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
+
+POS_INF = np.float32(np.inf)
+
+# (warps, queries per q block, K/V fragments in registers). BLOCK_N = 16 * warps keys.
+# ptxas (sm_90, bench/NOTES.md G8): D = 64 with K/V fragments in registers needs all
+# 255 registers and spills 16 bytes in some variants; re-read from shared memory per
+# q block (8 ldmatrix per 128 mma) it takes 173-188 registers, no spill. D = 128 with
+# 64-query blocks spills (the dK/dV accumulators alone are 128 registers beside 64 of
+# S^T/dP^T); 32-query blocks take 251 registers, no spill. The simulator runs every
+# thread as a Python thread: 2 warps (32 keys) and 16-query blocks give several kv and
+# q blocks at L = 33.
+Config = namedtuple("Config", "NW BM KREG")
+_CONFIGS = {64: Config(4, 64, False), 128: Config(4, 32, False)}
+_SIM_CONFIG = Config(2, 16, True)
+_env = os.environ.get("ATTN_GPU_MMA_BWD_CONFIG", "")
+if _env:  # tuning knob for the device scripts: "64:4,64,1;128:4,64,0"
+    for part in _env.split(";"):
+        dd, vals = part.split(":")
+        _CONFIGS[int(dd)] = Config(*(int(x) for x in vals.split(",")))
+
+
+def config(D: int, Dv: int) -> Config:
+    if SIM:
+        return _SIM_CONFIG
+    w = max(D, Dv)
+    for lim in sorted(_CONFIGS):
+        if w <= lim:
+            return _CONFIGS[lim]
+    return _CONFIGS[max(_CONFIGS)]
+
+
+def threads(D: int, Dv: int) -> int:
+    return 32 * config(D, Dv).NW
+
+
+def tile(D: int, Dv: int) -> tuple[int, int]:
+    """(queries per q block, keys per kv block) of the kernel for head dims D, Dv: the
+    tile of its transposed block lists."""
+    c = config(D, Dv)
+    return c.BM, 16 * c.NW
+
+
+def reasons(kind: str, D: int, Dv: int) -> list[str]:
+    """Why the tensor-core backward cannot run these head dims / dtype (empty if it
+    can); the launcher then uses the SIMT dK/dV kernel."""
+    r = []
+    if kind not in ("f16", "bf16"):
+        r.append(f"{kind} inputs use the SIMT backward (no TF32 path)")
+    if D % 16 or Dv % 16:
+        r.append(f"head dims {D}/{Dv} are not multiples of 16 (the mma k-step)")
+    if max(D, Dv) > MAX_D:
+        r.append(f"head dims above {MAX_D} would not keep the dK/dV accumulators in "
+                 "registers")
+    return r
+
+
+def _layout(D: int, Dv: int):
+    """Offsets of the shared tiles in 2-byte elements (K, V, two Q and two dO buffers,
+    dS^T; rows padded by 8 elements so ldmatrix rows hit distinct banks) and in float32
+    words (two lse and two delta buffers, the mods' scratch)."""
+    NW, BM, _ = config(D, Dv)
+    BN = 16 * NW
+    LDK, LDV, LDS = D + 8, Dv + 8, BM + 8
+    lay = {"k": 0, "v": BN * LDK}
+    lay["q"] = lay["v"] + BN * LDV
+    lay["qsz"] = BM * LDK
+    lay["o"] = lay["q"] + 2 * lay["qsz"]
+    lay["osz"] = BM * LDV
+    lay["s"] = lay["o"] + 2 * lay["osz"]
+    end = lay["s"] + BN * LDS  # even: every leading dimension is
+    lay["l"] = end // 2
+    lay["d"] = lay["l"] + 2 * BM
+    lay["mf"] = lay["d"] + 2 * BM
+    return lay
+
+
+def shared_bytes(D: int, Dv: int, mods: bool = False) -> int:
+    """Dynamic shared memory of a CTA (plus the float32 copies of S^T and dP^T per lane
+    for calls with mods or attn_mask)."""
+    NW, BM, _ = config(D, Dv)
+    n = 4 * _layout(D, Dv)["mf"]
+    return n + (4 * 2 * (BM // 2) * 32 * NW if mods else 0)
+
+
+@cuda.jit(device=True, inline=True)
+def _advance(gi, it, G, hk, b, lb, lh, kb, qf_num, qp_num):
+    """The work item after (query head gi of the group, q block it): the next q block
+    of the same head, else the first q block of the next head with any; gi = G when
+    there is none."""
+    it += 1
+    while gi < G:
+        lr = b * lb + (hk * G + gi) * lh + kb
+        if it < qf_num[lr] + qp_num[lr]:
+            break
+        gi += 1
+        it = 0
+    return gi, it
+
+
+@lru_cache(maxsize=None)
+def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None):
+    """The tensor-core dK/dV(+dQ atomics) kernel for one specialisation; same arguments
+    as _kernels.dkdv_kernel's kernels."""
+    if reasons(kind, D, Dv):
+        raise ValueError("; ".join(reasons(kind, D, Dv)))
+    mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
+    o_ = ops(kind)
+    frag_a, frag_b2, frag_bt2, mma = o_.frag_a, o_.frag_b2, o_.frag_bt2, o_.mma
+    pack, exp2, commit, wait_all, wait_one = (o_.pack, o_.exp2, o_.commit, o_.wait_all,
+                                              o_.wait_one)
+    from numba.core import types
+
+    ELT = types.float16 if kind == "f16" else types.int16
+
+    NW, BM, KREG = config(D, Dv)
+    BN = 16 * NW
+    NTH = 32 * NW
+    LDK, LDV, LDS = D + 8, Dv + 8, BM + 8
+    KD, KDV = D // 16, Dv // 16  # k-steps of S^T (over D) and dP^T (over Dv)
+    NTS = BM // 8                # m16n8 tiles of S^T per warp
+    NS = 4 * NTS                 # S^T (and dP^T) registers per lane
+    KQ = BM // 16                # k-steps of dV, dK (over the q block's queries)
+    NPA = 4 * KQ                 # packed P^T / dS^T A fragment registers
+    NK, NV = 4 * (D // 8), 4 * (Dv // 8)  # dK, dV registers per lane
+    NKF = 4 * KD if KREG else 4
+    NVF = 4 * KDV if KREG else 4
+    NQI = KQ * (D // 16)         # 16x16 dQ tiles of a q block
+    QIT = -(-NQI // NW)          # ... per warp
+    KN = BN // 16                # k-steps of dQ (over the kv block's keys)
+    lay = _layout(D, Dv)
+    OK, OV, OQ0, QSZ, OO0, OSZ, OS = (lay[n] for n in ("k", "v", "q", "qsz", "o", "osz",
+                                                        "s"))
+    OL0, OD0, OMF = lay["l"], lay["d"], lay["mf"]
+    SCR = SCRATCH_WORDS(NW)
+    MODS = MASK or MASKMOD or SCORE
+    load_k = _loader(BN, D, LDK, NTH, kind, o_.cp16)
+    load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
+    load_q = _loader(BM, D, LDK, NTH, kind, o_.cp16)
+    load_o = _loader(BM, Dv, LDV, NTH, kind, o_.cp16)
+
+    @cuda.jit(device=True, inline=True)
+    def stage(sm, smf, nb, gi, it, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
+              gs_b, gs_h, gs_l, gs_d, b, hk, G, Hq, Lq, kb, lb, lh,
+              qf_num, qf_idx, qp_idx, ncols, tid):
+        # Q, dO of work item (gi, it) into buffer nb (asynchronous where the layout
+        # allows), lse*log2(e) and delta beside them (plain loads: BM values).
+        h = hk * G + gi
+        lr = b * lb + h * lh + kb
+        m0 = _block_at(it, qf_num[lr], lr, ncols, qf_idx, qp_idx) * BM
+        qbase = b * qs_b + h * qs_h
+        gbase = b * gs_b + h * gs_h
+        load_q(sm, OQ0 + nb * QSZ, q, qbase, m0, qs_l, qs_d, Lq, tid,
+               vec_ok(q, qbase, qs_l, qs_d))
+        load_o(sm, OO0 + nb * OSZ, do, gbase, m0, gs_l, gs_d, Lq, tid,
+               vec_ok(do, gbase, gs_l, gs_d))
+        if tid < BM:
+            qm = m0 + tid
+            lv = POS_INF
+            dl = ZERO
+            if qm < Lq:
+                r = (b * Hq + h) * Lq + qm
+                lv = lse[r]
+                # A query that saw no key (lse -inf) has P = 0 everywhere: +inf makes
+                # exp2(s - lse) = 0 instead of NaN.
+                lv = lv * LOG2E if lv > NEG_INF else POS_INF
+                dl = delta[r]
+            smf[OL0 + nb * BM + tid] = lv
+            smf[OD0 + nb * BM + tid] = dl
+
+    @cuda.jit(**_JIT)
+    def dkdv(q, k, v, do, lse, delta, mask, dk, dv, dqa,
+             qs_b, qs_h, qs_l, qs_d, ks_b, ks_h, ks_l, ks_d,
+             vs_b, vs_h, vs_l, vs_d, gs_b, gs_h, gs_l, gs_d,
+             ms_b, ms_h, ms_q, ms_k,
+             dks_b, dks_h, dks_l, dks_d, dvs_b, dvs_h, dvs_l, dvs_d,
+             Hq, Hkv, G, Lq, Lk, scale,
+             qf_num, qf_idx, qp_num, qp_idx, ncols, lb, lh, x0, x1, x2, x3):
+        kb = cuda.blockIdx.x
+        bh = cuda.blockIdx.y
+        b = bh // Hkv
+        hk = bh - b * Hkv
+        tid = cuda.threadIdx.x
+        w = tid >> 5
+        lane = tid & 31
+        g = lane >> 2
+        t = lane & 3
+        n0 = kb * BN
+
+        sm = cuda.shared.array(0, ELT)
+        smf = cuda.shared.array(0, float32)  # the same dynamic shared memory
+        smi = cuda.shared.array(0, int32)    # ... as packed element pairs
+        scr = cuda.shared.array(SCR, float32)
+        kf = cuda.local.array(NKF, int32)
+        vf = cuda.local.array(NVF, int32)
+        s = cuda.local.array(NS, float32)
+        dp = cuda.local.array(NS, float32)
+        pa = cuda.local.array(NPA, int32)
+        dka = cuda.local.array(NK, float32)
+        dva = cuda.local.array(NV, float32)
+        dqc = cuda.local.array(8, float32)
+
+        sl2 = float32(scale) * LOG2E
+        sc = float32(scale)
+        kbase = b * ks_b + hk * ks_h
+        vbase = b * vs_b + hk * vs_h
+        OKW = OK + 16 * w * LDK  # this warp's key rows
+        OVW = OV + 16 * w * LDV
+        kr0 = n0 + 16 * w + g    # the lane's key rows: kr0, kr0 + 8
+        # Keys past Lk: a -inf bias on their rows makes P = dS = 0 there.
+        rb0 = ZERO if kr0 < Lk else NEG_INF
+        rb1 = ZERO if kr0 + 8 < Lk else NEG_INF
+
+        load_k(sm, OK, k, kbase, n0, ks_l, ks_d, Lk, tid, vec_ok(k, kbase, ks_l, ks_d))
+        load_v(sm, OV, v, vbase, n0, vs_l, vs_d, Lk, tid, vec_ok(v, vbase, vs_l, vs_d))
+        commit()
+        gi, it = _advance(0, -1, G, hk, b, lb, lh, kb, qf_num, qp_num)
+        if gi < G:
+            stage(sm, smf, 0, gi, it, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
+                  gs_b, gs_h, gs_l, gs_d, b, hk, G, Hq, Lq, kb, lb, lh,
+                  qf_num, qf_idx, qp_idx, ncols, tid)
+        commit()
+        wait_one()  # K and V have landed (groups complete in order)
+        cuda.syncthreads()
+        if KREG:
+            for kk in range(KD):
+                kf[4 * kk], kf[4 * kk + 1], kf[4 * kk + 2], kf[4 * kk + 3] = frag_a(
+                    sm, OKW + 16 * kk, LDK)
+            for kk in range(KDV):
+                vf[4 * kk], vf[4 * kk + 1], vf[4 * kk + 2], vf[4 * kk + 3] = frag_a(
+                    sm, OVW + 16 * kk, LDV)
+        for j in range(NK):
+            dka[j] = ZERO
+        for j in range(NV):
+            dva[j] = ZERO
+
+        buf = 0
+        while gi < G:
+            h = hk * G + gi
+            lr = b * lb + h * lh + kb
+            nf = qf_num[lr]
+            partial = it >= nf
+            m0 = _block_at(it, nf, lr, ncols, qf_idx, qp_idx) * BM
+            ngi, nit = _advance(gi, it, G, hk, b, lb, lh, kb, qf_num, qp_num)
+            if ngi < G:
+                # The next q block into the other buffer: free since the second
+                # barrier of the previous iteration.
+                stage(sm, smf, 1 - buf, ngi, nit, q, do, lse, delta, qs_b, qs_h, qs_l,
+                      qs_d, gs_b, gs_h, gs_l, gs_d, b, hk, G, Hq, Lq, kb, lb, lh,
+                      qf_num, qf_idx, qp_idx, ncols, tid)
+                commit()
+                wait_one()
+            else:
+                wait_all()
+            # Barrier: every thread's copies of this q block are visible.
+            cuda.syncthreads()
+            oq = OQ0 + buf * QSZ
+            oo = OO0 + buf * OSZ
+            ol = OL0 + buf * BM
+            od = OD0 + buf * BM
+
+            # S^T = K Q^T, dP^T = V dO^T (16 keys x BM queries per warp).
+            for j in range(NS):
+                s[j] = ZERO
+                dp[j] = ZERO
+            for kk in range(KD):
+                if KREG:
+                    a0, a1, a2, a3 = kf[4 * kk], kf[4 * kk + 1], kf[4 * kk + 2], \
+                        kf[4 * kk + 3]
+                else:
+                    a0, a1, a2, a3 = frag_a(sm, OKW + 16 * kk, LDK)
+                for jp in range(NTS // 2):
+                    b0, b1, b2, b3 = frag_b2(sm, oq + 16 * jp * LDK + 16 * kk, LDK)
+                    i = 8 * jp
+                    s[i], s[i + 1], s[i + 2], s[i + 3] = mma(
+                        scr, a0, a1, a2, a3, b0, b1, s[i], s[i + 1], s[i + 2], s[i + 3])
+                    s[i + 4], s[i + 5], s[i + 6], s[i + 7] = mma(
+                        scr, a0, a1, a2, a3, b2, b3, s[i + 4], s[i + 5], s[i + 6],
+                        s[i + 7])
+            for kk in range(KDV):
+                if KREG:
+                    a0, a1, a2, a3 = vf[4 * kk], vf[4 * kk + 1], vf[4 * kk + 2], \
+                        vf[4 * kk + 3]
+                else:
+                    a0, a1, a2, a3 = frag_a(sm, OVW + 16 * kk, LDV)
+                for jp in range(NTS // 2):
+                    b0, b1, b2, b3 = frag_b2(sm, oo + 16 * jp * LDV + 16 * kk, LDV)
+                    i = 8 * jp
+                    dp[i], dp[i + 1], dp[i + 2], dp[i + 3] = mma(
+                        scr, a0, a1, a2, a3, b0, b1, dp[i], dp[i + 1], dp[i + 2],
+                        dp[i + 3])
+                    dp[i + 4], dp[i + 5], dp[i + 6], dp[i + 7] = mma(
+                        scr, a0, a1, a2, a3, b2, b3, dp[i + 4], dp[i + 5], dp[i + 6],
+                        dp[i + 7])
+
+            # P^T and dS^T. Register idx of S^T belongs to key row kr0 + 8*((idx >> 1)
+            # & 1) and query column 8*(idx >> 2) + 2t + (idx & 1) of the block.
+            if MODS:
+                for idx in range(NS):
+                    smf[OMF + idx * NTH + tid] = s[idx] * sc
+                    smf[OMF + (NS + idx) * NTH + tid] = dp[idx]
+                for idx in range(NS):
+                    col = 8 * (idx >> 2) + 2 * t + (idx & 1)
+                    qm = m0 + col
+                    kn = kr0 + 8 * ((idx >> 1) & 1)
+                    x = smf[OMF + idx * NTH + tid]
+                    ok = kn < Lk
+                    gd = ONE
+                    if SCORE:
+                        if ok and qm < Lq:
+                            x, gd = score_fn(x, b, h, qm, kn, x0, x1, x2, x3)
+                    if partial:
+                        if CAUSAL:
+                            ok = ok and kn <= qm
+                        if MASK:
+                            if ok and qm < Lq:
+                                x += mask[b * ms_b + h * ms_h + qm * ms_q + kn * ms_k]
+                        if MASKMOD:
+                            if ok and qm < Lq:
+                                ok = mask_fn(b, h, qm, kn, x0, x1, x2, x3)
+                    p = ZERO
+                    if ok:
+                        p = exp2(float32(x) * LOG2E - smf[ol + col])
+                    ds = p * (smf[OMF + (NS + idx) * NTH + tid] - smf[od + col])
+                    if SCORE:
+                        # Chain rule through score_mod, only where P > 0 (a hidden
+                        # element's derivative, maybe inf, never enters).
+                        if ds != ZERO:
+                            ds = ds * float32(gd)
+                    smf[OMF + idx * NTH + tid] = p
+                    smf[OMF + (NS + idx) * NTH + tid] = ds
+                for idx in range(NS):
+                    s[idx] = smf[OMF + idx * NTH + tid]
+                    dp[idx] = smf[OMF + (NS + idx) * NTH + tid]
+            elif CAUSAL and partial:
+                for idx in range(NS):
+                    col = 8 * (idx >> 2) + 2 * t + (idx & 1)
+                    hi = (idx >> 1) & 1
+                    x = s[idx] * sl2 + (rb1 if hi else rb0) - smf[ol + col]
+                    p = exp2(x) if kr0 + 8 * hi <= m0 + col else ZERO
+                    s[idx] = p
+                    dp[idx] = p * (dp[idx] - smf[od + col])
+            else:
+                for idx in range(NS):
+                    col = 8 * (idx >> 2) + 2 * t + (idx & 1)
+                    x = s[idx] * sl2 + (rb1 if (idx >> 1) & 1 else rb0) - smf[ol + col]
+                    p = exp2(x)
+                    s[idx] = p
+                    dp[idx] = p * (dp[idx] - smf[od + col])
+
+            # dV += P^T dO: P^T's accumulators, packed, are the A fragments.
+            for kk in range(KQ):
+                for e in range(4):
+                    pa[4 * kk + e] = pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1])
+            for kk in range(KQ):
+                for jp in range(Dv // 16):
+                    b0, b1, b2, b3 = frag_bt2(sm, oo + 16 * kk * LDV + 16 * jp, LDV)
+                    c = 8 * jp
+                    a = 4 * kk
+                    dva[c], dva[c + 1], dva[c + 2], dva[c + 3] = mma(
+                        scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b0, b1,
+                        dva[c], dva[c + 1], dva[c + 2], dva[c + 3])
+                    dva[c + 4], dva[c + 5], dva[c + 6], dva[c + 7] = mma(
+                        scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
+                        dva[c + 4], dva[c + 5], dva[c + 6], dva[c + 7])
+            # dS^T packed: dK's A fragments, and to shared memory for dQ (pair e of
+            # k-step kk sits at key row 8*(e & 1) + g, query 16kk + 8*(e >> 1) + 2t).
+            for kk in range(KQ):
+                for e in range(4):
+                    x2 = pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1])
+                    pa[4 * kk + e] = x2
+                    smi[(OS + (16 * w + g + 8 * (e & 1)) * LDS + 16 * kk + 8 * (e >> 1)
+                         + 2 * t) >> 1] = x2
+            # dK += dS^T Q
+            for kk in range(KQ):
+                for jp in range(D // 16):
+                    b0, b1, b2, b3 = frag_bt2(sm, oq + 16 * kk * LDK + 16 * jp, LDK)
+                    c = 8 * jp
+                    a = 4 * kk
+                    dka[c], dka[c + 1], dka[c + 2], dka[c + 3] = mma(
+                        scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b0, b1,
+                        dka[c], dka[c + 1], dka[c + 2], dka[c + 3])
+                    dka[c + 4], dka[c + 5], dka[c + 6], dka[c + 7] = mma(
+                        scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
+                        dka[c + 4], dka[c + 5], dka[c + 6], dka[c + 7])
+            # Barrier: dS^T of every warp is in shared memory (and every warp is done
+            # with this Q/dO buffer and its lse/delta, which the next iteration's
+            # copies may overwrite).
+            cuda.syncthreads()
+
+            # dQ += scale * dS K: 16x16 tiles (query tile mq, dims 16jp..) over warps.
+            rbase = (b * Hq + h) * Lq
+            for ii in range(QIT):
+                item = w + NW * ii
+                valid = NQI % NW == 0 or item < NQI
+                if not valid:
+                    item = 0  # same mma count in every warp (the simulator's barriers)
+                mq = item % KQ
+                jp = item // KQ
+                for e in range(8):
+                    dqc[e] = ZERO
+                for kk in range(KN):
+                    # (the transposed (key, query) tile gives A's four matrices in the
+                    # order 0, 2, 1, 3 of B's)
+                    a0, a2, a1, a3 = frag_bt2(sm, OS + 16 * kk * LDS + 16 * mq, LDS)
+                    b0, b1, b2, b3 = frag_bt2(sm, OK + 16 * kk * LDK + 16 * jp, LDK)
+                    dqc[0], dqc[1], dqc[2], dqc[3] = mma(
+                        scr, a0, a1, a2, a3, b0, b1, dqc[0], dqc[1], dqc[2], dqc[3])
+                    dqc[4], dqc[5], dqc[6], dqc[7] = mma(
+                        scr, a0, a1, a2, a3, b2, b3, dqc[4], dqc[5], dqc[6], dqc[7])
+                if valid:
+                    for e in range(8):
+                        qm = m0 + 16 * mq + g + 8 * ((e >> 1) & 1)
+                        if qm < Lq:
+                            d = 16 * jp + 8 * (e >> 2) + 2 * t + (e & 1)
+                            cuda.atomic.add(dqa, (rbase + qm) * D + d, dqc[e] * sc)
+            gi = ngi
+            it = nit
+            buf = 1 - buf
+
+        # Epilogue through shared memory: each lane writes its dK (times scale) and dV
+        # registers as packed pairs (rounded to nearest even, as the storers do) into
+        # the K and V tiles, then the CTA copies the rows out with consecutive threads
+        # on consecutive elements (any output strides). Small register-indexing loop
+        # bodies, so dka/dva stay in registers. Register pair idx, idx+1: key row
+        # 16w + g + 8*((idx >> 1) & 1), dims 8*(idx >> 2) + 2t, +1.
+        cuda.syncthreads()  # every warp is done reading K (dQ of the last q block)
+        for idx in range(0, NK, 2):
+            smi[(OKW + (g + 8 * ((idx >> 1) & 1)) * LDK + 8 * (idx >> 2) + 2 * t) >> 1] = \
+                pack(dka[idx] * sc, dka[idx + 1] * sc)
+        for idx in range(0, NV, 2):
+            smi[(OVW + (g + 8 * ((idx >> 1) & 1)) * LDV + 8 * (idx >> 2) + 2 * t) >> 1] = \
+                pack(dva[idx], dva[idx + 1])
+        cuda.syncthreads()
+        kbd = b * dks_b + hk * dks_h
+        for e in range(tid, BN * D, NTH):
+            r = e // D
+            d = e - r * D
+            if n0 + r < Lk:
+                dk[kbd + (n0 + r) * dks_l + d * dks_d] = sm[OK + r * LDK + d]
+        vbd = b * dvs_b + hk * dvs_h
+        for e in range(tid, BN * Dv, NTH):
+            r = e // Dv
+            d = e - r * Dv
+            if n0 + r < Lk:
+                dv[vbd + (n0 + r) * dvs_l + d * dvs_d] = sm[OV + r * LDV + d]
+
+    return dkdv

@@ -1,0 +1,164 @@
+"""The tensor-core backward (gpu/_mma_bwd.py) in Numba's CUDA simulator (CI has no GPU).
+
+Runs in a child process with NUMBA_ENABLE_CUDASIM=1 (see tests/test_gpu_sim.py for
+why). float16 backward calls take the mma dK/dV kernel (dQ by atomics) there as on the
+GPU, with gpu/_ptx.py's simulator stand-ins for the fragment operations; the test
+checks that it is the kernel launched. The simulator kernel has 2 warps (32-key kv
+blocks) and 16-query q blocks, so L in {1, 17, 33} gives several kv and q blocks,
+ragged edges in both, keys past Lk inside a warp's rows, and the double-buffered
+q-block loop across the query heads of a GQA group. Checked against attn.reference's
+float64 gradients with the tolerance relative to PyTorch's own float16 error
+(tests/_util.py's rule): dense and causal (diagonal blocks partial, the rest full),
+Lq != Lk, GQA, transposed inputs (element-load staging), a gradient on lse, a bool
+attn_mask with a fully masked row (no NaN, zero gradients there), FlexAttention block
+masks with mask_mod on partial blocks and score_mod's chain rule.
+
+Only the real GPU covers (bench/device/mma_bwd_check.py): the inline PTX and the
+hardware register layout (ldmatrix.trans for the transposed A operand of dS), bfloat16,
+the 4-warp tiles, cp.async racing against the double buffer, float32 atomics under
+contention, speed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("numba")
+
+_SCRIPT = textwrap.dedent(
+    r"""
+    import os, sys, time
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    os.environ.pop("ATTN_GPU_MMA_BWD", None)
+    os.environ.pop("ATTN_GPU_BWD", None)
+    import torch
+    import torch.nn.functional as F
+    import attn
+    try:
+        from attn import gpu
+    except ImportError:
+        attn.__path__.append(sys.argv[1])
+        from attn import gpu
+    sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+    from _util import assert_close_to_oracle
+    from attn import mods, _modgen
+    from attn._flex import KernelSpec
+    from attn.gpu import _mma_bwd, _kernels
+    from attn.reference import attention, flex_attention as ref_flex
+    assert gpu.SIM and gpu.MMA_BACKWARD
+    dt = torch.float16
+    assert not gpu.mma_bwd_reasons(dt, 16, 16), gpu.mma_bwd_reasons(dt, 16, 16)
+    assert gpu.mma_bwd_reasons(torch.float32, 16, 16)
+    assert gpu.mma_bwd_reasons(dt, 8, 8)
+    assert gpu.mma_bwd_reasons(dt, 16, 16, atomic=False)  # deterministic mode: SIMT
+
+    # Which dK/dV kernel runs: count the factories' calls.
+    used = {"mma": 0, "simt": 0}
+    def spy(f, key):
+        def g(*a, **kw):
+            used[key] += 1
+            return f(*a, **kw)
+        return g
+    _mma_bwd.dkdv_kernel = spy(_mma_bwd.dkdv_kernel, "mma")
+    _kernels.dkdv_kernel = spy(_kernels.dkdv_kernel, "simt")
+
+    def grads_of(fn, ins, go, gl=None):
+        ins = [t.detach().requires_grad_() for t in ins]
+        outs = fn(*ins)
+        if gl is None:
+            return torch.autograd.grad(outs[0], ins, go)
+        return torch.autograd.grad(outs, ins, (go, gl))
+
+    def check(name, grads, ref, tor, scale):
+        for n, a, r, t in zip(("dq", "dk", "dv"), grads, ref, tor):
+            assert a.dtype == dt, name
+            assert_close_to_oracle(a, t, r, dt, f"{name} {n}", term_scale=scale)
+        return max((a.double() - r).abs().max().item() for a, r in zip(grads, ref))
+
+    def case(B, Hq, Hkv, Lq, Lk, D, causal, transposed=False, mask_kind=None,
+             lse_grad=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        def mk(H, L):
+            if transposed:
+                return torch.randn(B, L, H, D, generator=g).to(dt).transpose(1, 2)
+            return torch.randn(B, H, L, D, generator=g).to(dt)
+        q, k, v = mk(Hq, Lq), mk(Hkv, Lk), mk(Hkv, Lk)
+        mask = None
+        if mask_kind == "bool":
+            mask = torch.rand(1, 1, Lq, Lk, generator=g) > 0.4
+            mask[..., 2, :] = False  # a query that sees no key
+        out, lse = gpu.forward(q, k, v, mask, causal)
+        go = torch.randn(out.shape, generator=g).to(dt)
+        gqa = Hq != Hkv
+        gl = None
+        if lse_grad:
+            gl = torch.randn(lse.shape, generator=g)
+        before = dict(used)
+        grads = gpu.backward(q, k, v, out, lse, go, gl, mask, causal)
+        assert used["mma"] == before["mma"] + 1 and used["simt"] == before["simt"], used
+        name = (f"B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D} causal={causal} T={transposed} "
+                f"mask={mask_kind} dlse={lse_grad}")
+        ref_fn = lambda a, b, c: attention(a, b, c, mask, causal, None, enable_gqa=gqa)
+        ref = grads_of(ref_fn, [t.double() for t in (q, k, v)], go.double(),
+                       None if gl is None else gl.double())
+        if gl is None and mask_kind is None:
+            tor_fn = lambda a, b, c: (F.scaled_dot_product_attention(
+                a, b, c, is_causal=causal, enable_gqa=gqa),)
+        else:  # PyTorch's math in float16 (lse as an output, masked rows)
+            tor_fn = lambda a, b, c: attention(a, b, c, mask, causal, None, enable_gqa=gqa)
+        tor = grads_of(tor_fn, [q, k, v], go, gl)
+        if mask_kind == "bool":
+            assert (grads[0][:, :, 2] == 0).all(), name  # the query that sees no key
+        return check(name, grads, ref, tor, go.abs().max().item())
+
+    t0 = time.time()
+    worst = 0.0
+    worst = max(worst, case(1, 2, 2, 1, 1, 16, False, seed=1))
+    worst = max(worst, case(1, 1, 1, 17, 17, 16, True, seed=2))
+    worst = max(worst, case(1, 1, 1, 33, 33, 16, True, lse_grad=True, seed=3))
+    worst = max(worst, case(1, 4, 2, 33, 17, 32, False, transposed=True, seed=4))
+    worst = max(worst, case(1, 2, 1, 17, 33, 16, True, seed=5))
+    worst = max(worst, case(1, 1, 1, 17, 33, 16, False, mask_kind="bool", seed=6))
+
+    # FlexAttention: per-(batch, head) transposed block lists at the kernel's 16x32
+    # tiles (BLOCK_SIZE 32), full and partial blocks, mask_mod, score_mod, GQA.
+    L = 49
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, H, L, 16, generator=g).to(dt) for H in (2, 1, 1))
+    go = torch.randn(1, 2, L, 16, generator=g).to(dt)
+    for mask_mod, score_mod in ((mods.causal_mask, mods.alibi(2)),
+                                (mods.document_mask(torch.tensor([0, 10, 11, 40, 49])),
+                                 None)):
+        bm = attn.create_block_mask(mask_mod, 1, 2, L, L, device="cpu", BLOCK_SIZE=32)
+        spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod),
+                          _modgen.trace_score_mod(score_mod) if score_mod else None,
+                          False, None)
+        assert not gpu.mma_bwd_reasons(dt, 16, 16, None, bm.BLOCK_SIZE)
+        out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
+        before = dict(used)
+        grads = gpu.backward(q, k, v, out, lse, go, None, None, False, None, flex=spec)
+        assert used["mma"] == before["mma"] + 1 and used["simt"] == before["simt"], used
+        fn = lambda a, b, c: ref_flex(a, b, c, score_mod, bm, None, True)
+        ref = grads_of(fn, [t.double() for t in (q, k, v)], go.double())
+        tor = grads_of(fn, [q, k, v], go)
+        worst = max(worst, check(f"flex {mask_mod}", grads, ref, tor, go.abs().max().item()))
+    print("OK mma backward; worst abs error", worst, "in", round(time.time() - t0), "s")
+    """
+)
+
+
+def test_mma_backward_in_cuda_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(ROOT)], env=env, cwd=str(ROOT),
+        capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, f"simulator run failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    assert "OK" in r.stdout, r.stdout
