@@ -183,9 +183,16 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     NK, NV = 4 * (D // 8), 4 * (Dv // 8)  # dK, dV registers per lane
     NKF = 4 * KD if KREG else 4
     NVF = 4 * KDV if KREG else 4
-    NQI = KQ * (D // 16)         # 16x16 dQ tiles of a q block
-    QIT = -(-NQI // NW)          # ... per warp
+    # dQ: warp w takes the 16 queries mq = w % KQ of the q block (its dS fragments
+    # are loaded once) and the 16-dim tiles jp = w // KQ + JPW * i.
+    if NW % KQ:
+        raise ValueError(f"{config(D, Dv)}: the warps must be a multiple of the q "
+                         f"block's {KQ} 16-query tiles")
+    JPW = NW // KQ               # warps per 16-query tile
+    NJP = D // 16                # 16-dim tiles of dQ
+    QIT = -(-NJP // JPW)         # ... per warp
     KN = BN // 16                # k-steps of dQ (over the kv block's keys)
+    NDA = 4 * KN                 # dS A fragment registers of the dQ tiles
     lay = _layout(D, Dv)
     OK, OV, OQ0, QSZ, OO0, OSZ, OS = (lay[n] for n in ("k", "v", "q", "qsz", "o", "osz",
                                                         "s"))
@@ -257,6 +264,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         dka = cuda.local.array(NK, float32)
         dva = cuda.local.array(NV, float32)
         dqc = cuda.local.array(8, float32)
+        da = cuda.local.array(NDA, int32)
 
         sl2 = float32(scale) * LOG2E
         sc = float32(scale)
@@ -447,25 +455,29 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
             cuda.syncthreads()
 
             # dQ += scale * dS K: 16x16 tiles (query tile mq, dims 16jp..) over warps.
+            # A = dS (queries x keys) from the transposed (key, query) tile: frag_bt2's
+            # matrices in the order 0, 2, 1, 3.
             rbase = (b * Hq + h) * Lq
+            mq = w % KQ
+            for kk in range(KN):
+                da[4 * kk], da[4 * kk + 2], da[4 * kk + 1], da[4 * kk + 3] = frag_bt2(
+                    sm, OS + 16 * kk * LDS + 16 * mq, LDS)
             for ii in range(QIT):
-                item = w + NW * ii
-                valid = NQI % NW == 0 or item < NQI
+                jp = w // KQ + JPW * ii
+                valid = NJP % JPW == 0 or jp < NJP
                 if not valid:
-                    item = 0  # same mma count in every warp (the simulator's barriers)
-                mq = item % KQ
-                jp = item // KQ
+                    jp = 0  # same mma count in every warp (the simulator's barriers)
                 for e in range(8):
                     dqc[e] = ZERO
                 for kk in range(KN):
-                    # (the transposed (key, query) tile gives A's four matrices in the
-                    # order 0, 2, 1, 3 of B's)
-                    a0, a2, a1, a3 = frag_bt2(sm, OS + 16 * kk * LDS + 16 * mq, LDS)
+                    a = 4 * kk
                     b0, b1, b2, b3 = frag_bt2(sm, OK + 16 * kk * LDK + 16 * jp, LDK)
                     dqc[0], dqc[1], dqc[2], dqc[3] = mma(
-                        scr, a0, a1, a2, a3, b0, b1, dqc[0], dqc[1], dqc[2], dqc[3])
+                        scr, da[a], da[a + 1], da[a + 2], da[a + 3], b0, b1,
+                        dqc[0], dqc[1], dqc[2], dqc[3])
                     dqc[4], dqc[5], dqc[6], dqc[7] = mma(
-                        scr, a0, a1, a2, a3, b2, b3, dqc[4], dqc[5], dqc[6], dqc[7])
+                        scr, da[a], da[a + 1], da[a + 2], da[a + 3], b2, b3,
+                        dqc[4], dqc[5], dqc[6], dqc[7])
                 if valid:
                     for e in range(8):
                         qm = m0 + 16 * mq + g + 8 * ((e >> 1) & 1)
