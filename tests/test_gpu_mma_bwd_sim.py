@@ -9,7 +9,7 @@ ragged edges in both, keys past Lk inside a warp's rows, and the double-buffered
 q-block loop across the query heads of a GQA group. Checked against attn.reference's
 float64 gradients with the tolerance relative to PyTorch's own float16 error
 (tests/_util.py's rule): dense and causal (diagonal blocks partial, the rest full),
-Lq != Lk, GQA, transposed inputs (element-load staging), a gradient on lse, a bool
+Lq != Lk, Dv != D, GQA, transposed inputs (element-load staging), a gradient on lse, a bool
 attn_mask with a fully masked row (no NaN, zero gradients there), FlexAttention block
 masks with mask_mod on partial blocks and score_mod's chain rule.
 
@@ -83,13 +83,13 @@ _SCRIPT = textwrap.dedent(
         return max((a.double() - r).abs().max().item() for a, r in zip(grads, ref))
 
     def case(B, Hq, Hkv, Lq, Lk, D, causal, transposed=False, mask_kind=None,
-             lse_grad=False, seed=0):
+             lse_grad=False, Dv=None, seed=0):
         g = torch.Generator().manual_seed(seed)
-        def mk(H, L):
+        def mk(H, L, W):
             if transposed:
-                return torch.randn(B, L, H, D, generator=g).to(dt).transpose(1, 2)
-            return torch.randn(B, H, L, D, generator=g).to(dt)
-        q, k, v = mk(Hq, Lq), mk(Hkv, Lk), mk(Hkv, Lk)
+                return torch.randn(B, L, H, W, generator=g).to(dt).transpose(1, 2)
+            return torch.randn(B, H, L, W, generator=g).to(dt)
+        q, k, v = mk(Hq, Lq, D), mk(Hkv, Lk, D), mk(Hkv, Lk, Dv or D)
         mask = None
         if mask_kind == "bool":
             mask = torch.rand(1, 1, Lq, Lk, generator=g) > 0.4
@@ -103,7 +103,8 @@ _SCRIPT = textwrap.dedent(
         before = dict(used)
         grads = gpu.backward(q, k, v, out, lse, go, gl, mask, causal)
         assert used["mma"] == before["mma"] + 1 and used["simt"] == before["simt"], used
-        name = (f"B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D} causal={causal} T={transposed} "
+        name = (f"B{B} H{Hq}/{Hkv} L{Lq}x{Lk} D{D}/{Dv or D} causal={causal} "
+                f"T={transposed} "
                 f"mask={mask_kind} dlse={lse_grad}")
         ref_fn = lambda a, b, c: attention(a, b, c, mask, causal, None, enable_gqa=gqa)
         ref = grads_of(ref_fn, [t.double() for t in (q, k, v)], go.double(),
@@ -124,7 +125,7 @@ _SCRIPT = textwrap.dedent(
     worst = max(worst, case(1, 1, 1, 17, 17, 16, True, seed=2))
     worst = max(worst, case(1, 1, 1, 33, 33, 16, True, lse_grad=True, seed=3))
     worst = max(worst, case(1, 4, 2, 33, 17, 32, False, transposed=True, seed=4))
-    worst = max(worst, case(1, 2, 1, 17, 33, 16, True, seed=5))
+    worst = max(worst, case(1, 2, 1, 17, 33, 16, True, Dv=32, seed=5))  # Dv != D
     worst = max(worst, case(1, 1, 1, 17, 33, 16, False, mask_kind="bool", seed=6))
 
     # FlexAttention: per-(batch, head) transposed block lists at the kernel's 16x32
