@@ -43,6 +43,12 @@ cdef extern from "tile_ops.h" nogil:
                           float *l, float *alpha)
     void softmax_cols_f64(int nrows, int ncols, double *S, long lds, double *m,
                           double *l, double *alpha)
+    void mask_rows_float(int nrows, int nq, const float *M, long ld, int *lo, int *hi)
+    void mask_rows_double(int nrows, int nq, const double *M, long ld, int *lo, int *hi)
+    void mask_select_float(int nrows, int ncols, float *S, long lds, const float *M,
+                           long ldm)
+    void mask_select_double(int nrows, int ncols, double *S, long lds, const double *M,
+                            long ldm)
     void bwd_rows_f32(int nrows, int ncols, float *S, long lds, float *dP, long ldp,
                       const float *lse, const float *delta)
     void bwd_rows_f64(int nrows, int ncols, double *S, long lds, double *dP, long ldp,
@@ -357,20 +363,73 @@ cdef inline void mask_pair(real *dummy, Problem *p, real *S, long ld, int q_majo
         apply_window(S, ld, q_major, q0, nq, k0, nk, diag, p.jg.left, p.jg.right)
 
 
+cdef inline int visible_keys(real *dummy, Problem *p, long b, long h, int q0, int mq,
+                             int k0, int nk, int mode, long long diag, real *Mt,
+                             int *lo, int *hi) noexcept nogil:
+    """Rows lo..hi-1 of a kv tile (keys k0 + r) that some query of the q tile may see;
+    the other rows are masked for every query, so a tile computed without them gives
+    the same result bitwise (their P is exactly 0: no term of the softmax sums or of the
+    products, and acc, l, m unchanged). Returns 1 when Mt holds the tile's mask_mod
+    (0 visible, -inf hidden; S^T layout), which the caller then applies."""
+    lo[0] = 0
+    hi[0] = nk
+    if mode == PAIR_BAND:
+        # The union of consecutive queries' bands is one interval (widths >= 1).
+        lo[0] = <int>clampll(<long long>q0 + diag - p.jg.left - k0, 0, nk)
+        hi[0] = <int>clampll(<long long>q0 + mq + diag + p.jg.right - k0, lo[0], nk)
+        return 0
+    if mode != PAIR_PARTIAL or p.mask_kind != MASK_NONE:
+        return 0
+    if p.mod_mask == NULL:
+        if p.causal:
+            # Top-left causal: keys past the last query are hidden.
+            hi[0] = max(0, min(nk, q0 + mq - k0))
+        return 0
+    if p.causal:
+        return 0
+    # A mask_mod: evaluate it once on a tile of zeros, then trim its hidden key rows.
+    memset(Mt, 0, <size_t>nk * p.BMp * sizeof(real))
+    if real is float:
+        (<tile_f32>p.mod_mask)(b, h, q0, mq, k0, nk, Mt, p.BMp, 0, p.mask_bufs)
+    else:
+        (<tile_f64>p.mod_mask)(b, h, q0, mq, k0, nk, Mt, p.BMp, 0, p.mask_bufs)
+    if real is float:
+        mask_rows_float(nk, mq, Mt, p.BMp, lo, hi)
+    else:
+        mask_rows_double(nk, mq, Mt, p.BMp, lo, hi)
+    return 1
+
+
 cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q0,
-                         int mq, int k0, int nk, int mode, long long diag,
+                         int mq, int *k0, int nk, int mode, long long diag,
                          const real *Qt, real *St, real *Ks, const real **Kr, long *ldk,
-                         real *G) noexcept nogil:
-    """S^T (keys x queries) of the nk keys from k0 against a q block whose Q^T, times
-    the softmax scale, is Qt; masked as `mode` says. The forward and the dQ pass both
-    compute their scores here, so the dQ pass reproduces the forward's bitwise. Leaves
-    the K rows (padded to Dp, for a later dS K) in Kr / ldk."""
-    Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0, nk, p.D, p.Dp, Ks, ldk)
+                         real *G, real *Mt) noexcept nogil:
+    """S^T (keys x queries) of the nk keys from k0[0] against a q block whose Q^T, times
+    the softmax scale, is Qt; masked as `mode` says. Key rows that no query of the block
+    sees are left out (visible_keys): k0[0] moves to the first kept key and the kept
+    count is returned (0: nothing to do). The forward and the dQ pass both compute
+    their scores here, so the dQ pass reproduces the forward's bitwise. Leaves the K
+    rows (padded to Dp, for a later dS K) in Kr / ldk."""
+    cdef int lo, hi
+    cdef int pre = visible_keys(dummy, p, b, h, q0, mq, k0[0], nk, mode, diag, Mt, &lo,
+                                &hi)
+    if hi <= lo:
+        return 0
+    k0[0] += lo
+    nk = hi - lo
+    Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0[0], nk, p.D, p.Dp, Ks, ldk)
     # Broadcast K, vectors of Q^T.
     gemm(nk, p.BMp, p.D, Kr[0], ldk[0], 1, Qt, p.BMp, St, p.BMp, 0)
     if p.mod_score != NULL:
-        apply_score_mod(dummy, p, St, G, p.BMp, 0, b, h, q0, mq, k0, nk)
-    mask_pair(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0, nk, mode, diag)
+        apply_score_mod(dummy, p, St, G, p.BMp, 0, b, h, q0, mq, k0[0], nk)
+    if pre:
+        # The mask as evaluated: hidden elements become -inf, whatever score_mod gave.
+        if real is float:
+            mask_select_float(nk, p.BMp, St, p.BMp, Mt + <size_t>lo * p.BMp, p.BMp)
+        else:
+            mask_select_double(nk, p.BMp, St, p.BMp, Mt + <size_t>lo * p.BMp, p.BMp)
+    else:
+        mask_pair(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0[0], nk, mode, diag)
     return nk
 
 
@@ -445,7 +504,8 @@ cdef size_t fwd_scratch_elems(Problem *p) noexcept nogil:
             + <size_t>p.BN * p.Dp          # packed K rows
             + <size_t>p.BN * p.Dvp         # packed V rows
             + <size_t>p.BMp * p.Dvp        # acc
-            + 3 * <size_t>p.BMp)           # m_i, l_i, alpha
+            + 3 * <size_t>p.BMp            # m_i, l_i, alpha
+            + <size_t>p.BN * p.BMp)        # mask_mod tile (visible_keys)
 
 
 cdef inline void fwd_begin(real *dummy, Problem *p, long b, long h, int q0, int mq,
@@ -478,10 +538,16 @@ cdef inline void fwd_step(real *dummy, Problem *p, long b, long h, long hk, int 
     cdef real *m_i = acc + <size_t>BMp * p.Dvp
     cdef real *l_i = m_i + BMp
     cdef real *alpha = l_i + BMp
+    cdef real *Mt = alpha + BMp
     cdef long ldk, ldv
     cdef const real *Kr
     cdef const real *Vr
-    scores_t(dummy, p, b, h, hk, q0, mq, k0, nk, mode, diag, Qt, St, Ks, &Kr, &ldk, NULL)
+    nk = scores_t(dummy, p, b, h, hk, q0, mq, &k0, nk, mode, diag, Qt, St, Ks, &Kr, &ldk,
+                  NULL, Mt)
+    if nk == 0:
+        # Every score of the tile is hidden: P = 0, alpha = 1 (or 0 on a column that
+        # has seen nothing, whose acc and l are 0): the state stays as it is.
+        return
     if real is float:
         softmax_cols_f32(nk, BMp, St, BMp, m_i, l_i, alpha)
     else:
@@ -722,7 +788,8 @@ cdef size_t q_scratch_elems(Problem *p) noexcept nogil:
             + <size_t>p.BN * p.Dp          # packed K rows
             + <size_t>p.BN * p.Dvp         # packed V rows
             + 3 * <size_t>p.BN * p.BMp     # S^T / P^T, dP^T / dS^T, d score_mod / d S
-            + 2 * <size_t>p.BMp)           # lse, delta columns
+            + 2 * <size_t>p.BMp            # lse, delta columns
+            + <size_t>p.BN * p.BMp)        # mask_mod tile (visible_keys)
 
 
 cdef inline void q_begin(real *dummy, Problem *p, long b, long h, int q0, int mq,
@@ -765,11 +832,15 @@ cdef inline void q_pair(real *dummy, Problem *p, long b, long h, long hk, int q0
     cdef real *Gt = dPt + <size_t>p.BN * BMp
     cdef real *lc = Gt + <size_t>p.BN * BMp
     cdef real *dl = lc + BMp
+    cdef real *Mt = dl + BMp
     cdef real *dQ = <real *>p.dq + ((b * p.Hq + h) * p.Lq + q0) * <long>p.Dp
     cdef const real *Kr
     cdef const real *Vr
     cdef long ldk, ldv
-    scores_t(dummy, p, b, h, hk, q0, mq, k0, nk, mode, diag, Qt, St, Ks, &Kr, &ldk, Gt)
+    nk = scores_t(dummy, p, b, h, hk, q0, mq, &k0, nk, mode, diag, Qt, St, Ks, &Kr, &ldk,
+                  Gt, Mt)
+    if nk == 0:
+        return  # P = 0 on the whole tile: no share of dQ
     Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dv, Vs, &ldv)
     # dP^T = V dO^T (keys x queries).
     gemm(nk, BMp, p.Dv, Vr, ldv, 1, dOt, BMp, dPt, BMp, 0)

@@ -18,6 +18,9 @@
 #define ATTN_TILE_OPS_H
 
 #include <math.h>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -184,13 +187,16 @@ ATTN_DEFINE_UKERNEL(double, vf64, ATTN_VW64)
 ATTN_INLINE vf32 vexp2_f32(vf32 x)
 {
     const vf32 lo = (vf32){0} - 126.0f;
+    /* Lanes below -126 (or -inf, NaN) compute garbage (NaN for -inf) that the final
+     * mask turns into exactly 0: no clamp of x is needed. */
     vi32 keep = x >= lo;
-    x = (vf32)(((vi32)x & keep) | ((vi32)lo & ~keep)); /* x = max(x, -126), -inf safe */
     const vf32 magic = (vf32){0} + 12582912.0f;       /* 1.5 * 2^23: round to nearest */
     vf32 t = x + magic;
     vf32 n = t - magic;
     vf32 f = x - n;
-    vi32 ni = __builtin_convertvector(n, vi32);
+    /* t's bits are those of magic plus n (|n| < 2^22 where kept), and magic's low 9
+     * bits are zero, so bits(t) << 23 is n << 23: no float-to-int conversion. */
+    vi32 ni = (vi32)t;
     const float c1 = 0.693147180559945f, c2 = 0.240226506959101f,
                 c3 = 0.0555041086648216f, c4 = 0.00961812910762848f,
                 c5 = 0.00133335581464284f, c6 = 0.000154035303933816f;
@@ -247,9 +253,18 @@ ATTN_INLINE float exp2_f32(float x)
  */
 ATTN_INLINE vf32 vmax_f32(vf32 a, vf32 b)
 {
-    /* b where a is not greater (NaN in a keeps b): vmaxps(a, b)'s rule. */
+    /* a where a > b, else b (NaN or equal zeros give b): exactly the rule of the
+     * x86 max instruction, which the compiler does not infer from the select. */
+#if defined(__AVX512F__) && ATTN_VBYTES == 64
+    return (vf32)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+    return (vf32)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__SSE__)
+    return (vf32)_mm_max_ps((__m128)a, (__m128)b);
+#else
     vi32 gt = a > b;
     return (vf32)(((vi32)a & gt) | ((vi32)b & ~gt));
+#endif
 }
 
 /* The columns c .. c + G vectors of softmax_cols_f32; G literal, so once inlined the
@@ -381,5 +396,47 @@ static void bwd_cols_f64(int nrows, int ncols, double *S, long lds, double *dP, 
         }
     }
 }
+
+/*
+ * A mask_mod evaluated on a tile of zeros (0 visible, -inf hidden), rows = keys,
+ * columns = queries (S^T layout). mask_rows: the first and one-past-last row with a
+ * visible element among the first nq columns (lo == hi: none). mask_select: S becomes
+ * -inf where M is hidden, unchanged elsewhere (a select, not an add, so a score_mod
+ * value of inf or NaN at a hidden position cannot leak); ncols a multiple of the
+ * vector width.
+ */
+#define ATTN_DEFINE_MASK_TILE(T, V, VI, VW)                                         \
+    ATTN_INLINE int mask_row_seen_##T(const T *m, int nq)                          \
+    {                                                                              \
+        int c = 0;                                                                 \
+        VI any = (VI){0};                                                          \
+        for (; c + VW <= nq; c += VW) any |= (VI)(ld_##V(m + c) == (V){0});        \
+        for (int i = 0; i < VW; i++)                                               \
+            if (any[i]) return 1;                                                  \
+        for (; c < nq; c++)                                                        \
+            if (m[c] == 0) return 1;                                               \
+        return 0;                                                                  \
+    }                                                                              \
+    static void mask_rows_##T(int nrows, int nq, const T *M, long ld, int *lo,      \
+                              int *hi)                                             \
+    {                                                                              \
+        int a = 0, b = nrows;                                                      \
+        while (a < b && !mask_row_seen_##T(M + (long)a * ld, nq)) a++;             \
+        while (b > a && !mask_row_seen_##T(M + (long)(b - 1) * ld, nq)) b--;       \
+        *lo = a;                                                                   \
+        *hi = b;                                                                   \
+    }                                                                              \
+    static void mask_select_##T(int nrows, int ncols, T *S, long lds, const T *M,   \
+                                long ldm)                                          \
+    {                                                                              \
+        for (int r = 0; r < nrows; r++)                                            \
+            for (int c = 0; c < ncols; c += VW) {                                  \
+                V m = ld_##V(M + r * ldm + c), s = ld_##V(S + r * lds + c);        \
+                VI keep = (VI)(m == (V){0});                                       \
+                st_##V(S + r * lds + c, (V)(((VI)s & keep) | ((VI)m & ~keep)));    \
+            }                                                                      \
+    }
+ATTN_DEFINE_MASK_TILE(float, vf32, vi32, ATTN_VW32)
+ATTN_DEFINE_MASK_TILE(double, vf64, vi64, ATTN_VW64)
 
 #endif
