@@ -389,18 +389,25 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     return out, lse
 
 
-def mma_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
-    """Why a forward runs the SIMT kernel instead of the tensor-core one (gpu/_mma.py,
-    float16/bfloat16): empty when the tensor-core kernel serves it."""
-    r = _mma.reasons(_KIND[dtype], D, Dv)
+def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=()):
+    """The reasons of a tensor-core kernel module (``mod``: gpu/_mma.py or
+    gpu/_mma_bwd.py, named ``label`` in the messages) not to serve a call: its own, then
+    ``extra``, then an explicit SIMT tiling and a BLOCK_SIZE off its tiles."""
+    r = mod.reasons(_KIND[dtype], D, Dv) + list(extra)
     if tiling is not None:
         r.append("an explicit SIMT tiling was asked for")
     if block_size is not None:
-        BM, BN = _mma.tile(D, Dv)
+        BM, BN = mod.tile(D, Dv)
         if block_size[0] % BM or block_size[1] % BN:
             r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
-                     f"tensor-core kernel's {BM}x{BN} tiles")
+                     f"tensor-core {label}'s {BM}x{BN} tiles")
     return r
+
+
+def mma_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
+    """Why a forward runs the SIMT kernel instead of the tensor-core one (gpu/_mma.py,
+    float16/bfloat16): empty when the tensor-core kernel serves it."""
+    return _tensor_core_reasons(_mma, "kernel", dtype, D, Dv, tiling, block_size)
 
 
 @lru_cache(maxsize=1024)
@@ -435,19 +442,13 @@ MMA_BACKWARD = os.environ.get("ATTN_GPU_MMA_BWD", "1").strip() != "0"
 def mma_bwd_reasons(dtype, D, Dv, tiling=None, block_size=None, atomic=True) -> list[str]:
     """Why a backward runs the SIMT dK/dV kernel instead of the tensor-core one
     (gpu/_mma_bwd.py): empty when the tensor-core kernel serves it."""
-    r = _mma_bwd.reasons(_KIND[dtype], D, Dv)
+    extra = []
     if not MMA_BACKWARD:
-        r.append("ATTN_GPU_MMA_BWD=0 (attn.gpu.MMA_BACKWARD is off)")
+        extra.append("ATTN_GPU_MMA_BWD=0 (attn.gpu.MMA_BACKWARD is off)")
     if not atomic:
-        r.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
-    if tiling is not None:
-        r.append("an explicit SIMT tiling was asked for")
-    if block_size is not None:
-        BM, BN = _mma_bwd.tile(D, Dv)
-        if block_size[0] % BM or block_size[1] % BN:
-            r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
-                     f"tensor-core backward's {BM}x{BN} tiles")
-    return r
+        extra.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
+    return _tensor_core_reasons(_mma_bwd, "backward", dtype, D, Dv, tiling, block_size,
+                                extra)
 
 
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,

@@ -57,36 +57,63 @@ LOG2E = np.float32(1.4426950408889634)
 LN2 = np.float32(0.6931471805599453)
 # _JIT (disk cache; line info under ATTN_GPU_LINEINFO=1) is shared with the SIMT kernels.
 
+
+class Tiles:
+    """The tile configurations of one tensor-core kernel (shared by gpu/_mma_bwd.py):
+    ``table`` maps the largest max(D, Dv) an entry serves to its Config (larger head dims
+    take the last entry), the simulator takes ``sim``. The environment variable ``env``
+    replaces entries, "64:4,2,64,1;128:4,2,64,0" (the Config fields in order): the
+    tuning knob of the device scripts, read once at import."""
+
+    def __init__(self, Config, table: dict, sim, env: str):
+        self.table = dict(table)
+        self.sim = sim
+        spec = os.environ.get(env, "")
+        if spec:
+            for part in spec.split(";"):
+                dd, vals = part.split(":")
+                self.table[int(dd)] = Config(*(int(x) for x in vals.split(",")))
+
+    def config(self, D: int, Dv: int):
+        if SIM:
+            return self.sim
+        w = max(D, Dv)
+        for lim in sorted(self.table):
+            if w <= lim:
+                return self.table[lim]
+        return self.table[max(self.table)]
+
+    def threads(self, D: int, Dv: int) -> int:
+        return 32 * self.config(D, Dv).NW
+
+
+def head_dim_reasons(kind: str, D: int, Dv: int, simt: str, kept: str) -> list[str]:
+    """Why a tensor-core kernel cannot run these head dims / dtype (empty if it can):
+    ``simt`` names the SIMT fallback, ``kept`` what must stay in registers."""
+    r = []
+    if kind not in ("f16", "bf16"):
+        r.append(f"{kind} inputs use the SIMT {simt} (no TF32 path)")
+    if D % 16 or Dv % 16:
+        r.append(f"head dims {D}/{Dv} are not multiples of 16 (the mma k-step)")
+    if max(D, Dv) > MAX_D:
+        r.append(f"head dims above {MAX_D} would not keep {kept} in registers")
+    return r
+
+
 # Tile configurations (warps, m16 tiles per warp, keys per kv block, Q fragments in
 # registers). Two m16 tiles per warp use every K/V fragment read from shared memory
 # twice (half the ldmatrix traffic per mma, and half the K/V copies per flop);
 # at D = 128 that needs Q re-read from shared memory each kv block (its fragments
 # would not fit beside 2 x 16 x 128 accumulators). bench/NOTES.md (G7) has the
 # measurements. The simulator runs every thread as a Python thread: two warps and
-# 16-key blocks still give several q and kv blocks at L = 33.
+# 16-key blocks still give several q and kv blocks at L = 33. Tuning knob for
+# bench/device/mma_check.py: ATTN_GPU_MMA_CONFIG="64:4,2,64,1;128:4,2,64,0".
 Config = namedtuple("Config", "NW MT BN QREG")
-_CONFIGS = {64: Config(4, 2, 64, True), 128: Config(4, 1, 64, True)}
-_SIM_CONFIG = Config(2, 1, 16, True)
-_env = os.environ.get("ATTN_GPU_MMA_CONFIG", "")
-if _env:  # tuning knob for bench/device/mma_check.py: "64:4,2,64,1;128:4,2,64,0"
-    for part in _env.split(";"):
-        dd, vals = part.split(":")
-        _CONFIGS[int(dd)] = Config(*(int(x) for x in vals.split(",")))
+_TILES = Tiles(Config, {64: Config(4, 2, 64, True), 128: Config(4, 1, 64, True)},
+               Config(2, 1, 16, True), "ATTN_GPU_MMA_CONFIG")
+config = _TILES.config
+threads = _TILES.threads
 MAX_D = 128
-
-
-def config(D: int, Dv: int) -> Config:
-    if SIM:
-        return _SIM_CONFIG
-    w = max(D, Dv)
-    for lim in sorted(_CONFIGS):
-        if w <= lim:
-            return _CONFIGS[lim]
-    return _CONFIGS[max(_CONFIGS)]
-
-
-def threads(D: int, Dv: int) -> int:
-    return 32 * config(D, Dv).NW
 
 
 def tile(D: int, Dv: int) -> tuple[int, int]:
@@ -98,14 +125,7 @@ def tile(D: int, Dv: int) -> tuple[int, int]:
 def reasons(kind: str, D: int, Dv: int) -> list[str]:
     """Why the tensor-core forward cannot run these head dims / dtype (empty if it can);
     the launcher then uses the SIMT forward."""
-    r = []
-    if kind not in ("f16", "bf16"):
-        r.append(f"{kind} inputs use the SIMT kernels (no TF32 path)")
-    if D % 16 or Dv % 16:
-        r.append(f"head dims {D}/{Dv} are not multiples of 16 (the mma k-step)")
-    if max(D, Dv) > MAX_D:
-        r.append(f"head dims above {MAX_D} would not keep Q and O in registers")
-    return r
+    return head_dim_reasons(kind, D, Dv, "kernels", "Q and O")
 
 
 def shared_bytes(D: int, Dv: int, mods: bool = False) -> int:

@@ -45,15 +45,15 @@ forward's lesson, bench/NOTES.md G7).
 """
 from __future__ import annotations
 
-import os
 from collections import namedtuple
 from functools import lru_cache
 
 import numpy as np
 
-from ._cuda import SIM, cuda, float32, int32
+from ._cuda import cuda, float32, int32
 from ._kernels import _block_at, _hooks
-from ._mma import LOG2E, MAX_D, NEG_INF, ONE, ZERO, _JIT, _loader, vec_ok
+from ._mma import (LOG2E, NEG_INF, ONE, ZERO, _JIT, Tiles, _loader, head_dim_reasons,
+                   vec_ok)
 from ._ptx import SCRATCH_WORDS, ops
 
 __all__ = ["dkdv_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
@@ -68,28 +68,12 @@ POS_INF = np.float32(np.inf)
 # S^T/dP^T); 32-query blocks take 251 registers, no spill. The simulator runs every
 # thread as a Python thread: 2 warps (32 keys) and 16-query blocks give several kv and
 # q blocks at L = 33.
+# Tuning knob for the device scripts: ATTN_GPU_MMA_BWD_CONFIG="64:4,64,1;128:4,64,0".
 Config = namedtuple("Config", "NW BM KREG")
-_CONFIGS = {64: Config(4, 64, False), 128: Config(4, 32, False)}
-_SIM_CONFIG = Config(2, 16, True)
-_env = os.environ.get("ATTN_GPU_MMA_BWD_CONFIG", "")
-if _env:  # tuning knob for the device scripts: "64:4,64,1;128:4,64,0"
-    for part in _env.split(";"):
-        dd, vals = part.split(":")
-        _CONFIGS[int(dd)] = Config(*(int(x) for x in vals.split(",")))
-
-
-def config(D: int, Dv: int) -> Config:
-    if SIM:
-        return _SIM_CONFIG
-    w = max(D, Dv)
-    for lim in sorted(_CONFIGS):
-        if w <= lim:
-            return _CONFIGS[lim]
-    return _CONFIGS[max(_CONFIGS)]
-
-
-def threads(D: int, Dv: int) -> int:
-    return 32 * config(D, Dv).NW
+_TILES = Tiles(Config, {64: Config(4, 64, False), 128: Config(4, 32, False)},
+               Config(2, 16, True), "ATTN_GPU_MMA_BWD_CONFIG")
+config = _TILES.config
+threads = _TILES.threads
 
 
 def tile(D: int, Dv: int) -> tuple[int, int]:
@@ -102,15 +86,7 @@ def tile(D: int, Dv: int) -> tuple[int, int]:
 def reasons(kind: str, D: int, Dv: int) -> list[str]:
     """Why the tensor-core backward cannot run these head dims / dtype (empty if it
     can); the launcher then uses the SIMT dK/dV kernel."""
-    r = []
-    if kind not in ("f16", "bf16"):
-        r.append(f"{kind} inputs use the SIMT backward (no TF32 path)")
-    if D % 16 or Dv % 16:
-        r.append(f"head dims {D}/{Dv} are not multiples of 16 (the mma k-step)")
-    if max(D, Dv) > MAX_D:
-        r.append(f"head dims above {MAX_D} would not keep the dK/dV accumulators in "
-                 "registers")
-    return r
+    return head_dim_reasons(kind, D, Dv, "backward", "the dK/dV accumulators")
 
 
 def _layout(D: int, Dv: int):
@@ -154,6 +130,77 @@ def _advance(gi, it, G, hk, b, lb, lh, kb, qf_num, qp_num):
         gi += 1
         it = 0
     return gi, it
+
+
+# The warp's tile products and the dK/dV copy-out, one factory per shape. They are
+# inlined device functions: their loops unroll inside the kernel exactly as when written
+# there (the generated code is the same), so the accumulators stay in registers.
+@lru_cache(maxsize=None)
+def _rows_product(KD: int, NTS: int, LD: int, REG: bool, frag_a, frag_b2, mma):
+    """acc += A B^T for one warp: A its 16 rows (the warp's keys) at ``offa`` of a tile
+    with leading dimension LD, KD k-steps of 16 (fragments from ``af`` when REG, else by
+    ldmatrix), B^T the row-major (query, dim) tile at ``offb``, acc the 16 x 8*NTS
+    float32 C fragments: S^T = K Q^T, dP^T = V dO^T."""
+
+    @cuda.jit(device=True, inline=True)
+    def product(scr, sm, offa, af, offb, acc):
+        for kk in range(KD):
+            if REG:
+                a0, a1, a2, a3 = af[4 * kk], af[4 * kk + 1], af[4 * kk + 2], \
+                    af[4 * kk + 3]
+            else:
+                a0, a1, a2, a3 = frag_a(sm, offa + 16 * kk, LD)
+            for jp in range(NTS // 2):
+                b0, b1, b2, b3 = frag_b2(sm, offb + 16 * jp * LD + 16 * kk, LD)
+                i = 8 * jp
+                acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma(
+                    scr, a0, a1, a2, a3, b0, b1, acc[i], acc[i + 1], acc[i + 2],
+                    acc[i + 3])
+                acc[i + 4], acc[i + 5], acc[i + 6], acc[i + 7] = mma(
+                    scr, a0, a1, a2, a3, b2, b3, acc[i + 4], acc[i + 5], acc[i + 6],
+                    acc[i + 7])
+
+    return product
+
+
+@lru_cache(maxsize=None)
+def _pa_product(KQ: int, NJ: int, LD: int, frag_bt2, mma):
+    """acc += A B for one warp: A the packed 16 x 16*KQ fragments ``pa`` (P^T or dS^T),
+    B the row-major (query, dim) tile at ``off`` (16*KQ rows, leading dimension LD) by
+    ldmatrix.trans, acc the 16 x 16*NJ float32 C fragments: dV += P^T dO, dK += dS^T Q."""
+
+    @cuda.jit(device=True, inline=True)
+    def product(scr, sm, off, pa, acc):
+        for kk in range(KQ):
+            for jp in range(NJ):
+                b0, b1, b2, b3 = frag_bt2(sm, off + 16 * kk * LD + 16 * jp, LD)
+                c = 8 * jp
+                a = 4 * kk
+                acc[c], acc[c + 1], acc[c + 2], acc[c + 3] = mma(
+                    scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b0, b1,
+                    acc[c], acc[c + 1], acc[c + 2], acc[c + 3])
+                acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7] = mma(
+                    scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
+                    acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7])
+
+    return product
+
+
+@lru_cache(maxsize=None)
+def _row_store(ROWS: int, W: int, LD: int, NTH: int):
+    """Copy the shared tile at ``off`` (ROWS rows of W elements, leading dimension LD) to
+    rows n0.. of the (batch, head) slice at ``base`` of ``out`` (strides s_l, s_d); rows
+    at or past L are not written. Consecutive threads take consecutive elements."""
+
+    @cuda.jit(device=True, inline=True)
+    def store(out, base, s_l, s_d, sm, off, n0, L, tid):
+        for e in range(tid, ROWS * W, NTH):
+            r = e // W
+            d = e - r * W
+            if n0 + r < L:
+                out[base + (n0 + r) * s_l + d * s_d] = sm[off + r * LD + d]
+
+    return store
 
 
 @lru_cache(maxsize=None)
@@ -203,6 +250,12 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
     load_q = _loader(BM, D, LDK, NTH, kind, o_.cp16)
     load_o = _loader(BM, Dv, LDV, NTH, kind, o_.cp16)
+    kq = _rows_product(KD, NTS, LDK, KREG, frag_a, frag_b2, mma)
+    vo = _rows_product(KDV, NTS, LDV, KREG, frag_a, frag_b2, mma)
+    store_k = _row_store(BN, D, LDK, NTH)
+    store_v = _row_store(BN, Dv, LDV, NTH)
+    pdo = _pa_product(KQ, Dv // 16, LDV, frag_bt2, mma)
+    dsq = _pa_product(KQ, D // 16, LDK, frag_bt2, mma)
 
     @cuda.jit(device=True, inline=True)
     def stage(sm, smf, nb, gi, it, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
@@ -329,35 +382,8 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
             for j in range(NS):
                 s[j] = ZERO
                 dp[j] = ZERO
-            for kk in range(KD):
-                if KREG:
-                    a0, a1, a2, a3 = kf[4 * kk], kf[4 * kk + 1], kf[4 * kk + 2], \
-                        kf[4 * kk + 3]
-                else:
-                    a0, a1, a2, a3 = frag_a(sm, OKW + 16 * kk, LDK)
-                for jp in range(NTS // 2):
-                    b0, b1, b2, b3 = frag_b2(sm, oq + 16 * jp * LDK + 16 * kk, LDK)
-                    i = 8 * jp
-                    s[i], s[i + 1], s[i + 2], s[i + 3] = mma(
-                        scr, a0, a1, a2, a3, b0, b1, s[i], s[i + 1], s[i + 2], s[i + 3])
-                    s[i + 4], s[i + 5], s[i + 6], s[i + 7] = mma(
-                        scr, a0, a1, a2, a3, b2, b3, s[i + 4], s[i + 5], s[i + 6],
-                        s[i + 7])
-            for kk in range(KDV):
-                if KREG:
-                    a0, a1, a2, a3 = vf[4 * kk], vf[4 * kk + 1], vf[4 * kk + 2], \
-                        vf[4 * kk + 3]
-                else:
-                    a0, a1, a2, a3 = frag_a(sm, OVW + 16 * kk, LDV)
-                for jp in range(NTS // 2):
-                    b0, b1, b2, b3 = frag_b2(sm, oo + 16 * jp * LDV + 16 * kk, LDV)
-                    i = 8 * jp
-                    dp[i], dp[i + 1], dp[i + 2], dp[i + 3] = mma(
-                        scr, a0, a1, a2, a3, b0, b1, dp[i], dp[i + 1], dp[i + 2],
-                        dp[i + 3])
-                    dp[i + 4], dp[i + 5], dp[i + 6], dp[i + 7] = mma(
-                        scr, a0, a1, a2, a3, b2, b3, dp[i + 4], dp[i + 5], dp[i + 6],
-                        dp[i + 7])
+            kq(scr, sm, OKW, kf, oq, s)
+            vo(scr, sm, OVW, vf, oo, dp)
 
             # P^T and dS^T. Register idx of S^T belongs to key row kr0 + 8*((idx >> 1)
             # & 1) and query column 8*(idx >> 2) + 2t + (idx & 1) of the block.
@@ -418,17 +444,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
             for kk in range(KQ):
                 for e in range(4):
                     pa[4 * kk + e] = pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1])
-            for kk in range(KQ):
-                for jp in range(Dv // 16):
-                    b0, b1, b2, b3 = frag_bt2(sm, oo + 16 * kk * LDV + 16 * jp, LDV)
-                    c = 8 * jp
-                    a = 4 * kk
-                    dva[c], dva[c + 1], dva[c + 2], dva[c + 3] = mma(
-                        scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b0, b1,
-                        dva[c], dva[c + 1], dva[c + 2], dva[c + 3])
-                    dva[c + 4], dva[c + 5], dva[c + 6], dva[c + 7] = mma(
-                        scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
-                        dva[c + 4], dva[c + 5], dva[c + 6], dva[c + 7])
+            pdo(scr, sm, oo, pa, dva)
             # dS^T packed: dK's A fragments, and to shared memory for dQ (pair e of
             # k-step kk sits at key row 8*(e & 1) + g, query 16kk + 8*(e >> 1) + 2t).
             for kk in range(KQ):
@@ -438,17 +454,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                     smi[(OS + (16 * w + g + 8 * (e & 1)) * LDS + 16 * kk + 8 * (e >> 1)
                          + 2 * t) >> 1] = x2
             # dK += dS^T Q
-            for kk in range(KQ):
-                for jp in range(D // 16):
-                    b0, b1, b2, b3 = frag_bt2(sm, oq + 16 * kk * LDK + 16 * jp, LDK)
-                    c = 8 * jp
-                    a = 4 * kk
-                    dka[c], dka[c + 1], dka[c + 2], dka[c + 3] = mma(
-                        scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b0, b1,
-                        dka[c], dka[c + 1], dka[c + 2], dka[c + 3])
-                    dka[c + 4], dka[c + 5], dka[c + 6], dka[c + 7] = mma(
-                        scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
-                        dka[c + 4], dka[c + 5], dka[c + 6], dka[c + 7])
+            dsq(scr, sm, oq, pa, dka)
             # Barrier: dS^T of every warp is in shared memory (and every warp is done
             # with this Q/dO buffer and its lse/delta, which the next iteration's
             # copies may overwrite).
@@ -502,17 +508,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
             smi[(OVW + (g + 8 * ((idx >> 1) & 1)) * LDV + 8 * (idx >> 2) + 2 * t) >> 1] = \
                 pack(dva[idx], dva[idx + 1])
         cuda.syncthreads()
-        kbd = b * dks_b + hk * dks_h
-        for e in range(tid, BN * D, NTH):
-            r = e // D
-            d = e - r * D
-            if n0 + r < Lk:
-                dk[kbd + (n0 + r) * dks_l + d * dks_d] = sm[OK + r * LDK + d]
-        vbd = b * dvs_b + hk * dvs_h
-        for e in range(tid, BN * Dv, NTH):
-            r = e // Dv
-            d = e - r * Dv
-            if n0 + r < Lk:
-                dv[vbd + (n0 + r) * dvs_l + d * dvs_d] = sm[OV + r * LDV + d]
+        store_k(dk, b * dks_b + hk * dks_h, dks_l, dks_d, sm, OK, n0, Lk, tid)
+        store_v(dv, b * dvs_b + hk * dvs_h, dvs_l, dvs_d, sm, OV, n0, Lk, tid)
 
     return dkdv

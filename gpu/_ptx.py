@@ -401,6 +401,16 @@ else:
     cp_wait0 = _simple("cp_wait0", "cp.async.wait_group 0;")
     cp_wait1 = _simple("cp_wait1", "cp.async.wait_group 1;")
 
+    @cuda.jit(device=True, inline=True)
+    def _quadrants(sm, off, LD):
+        """The lane's ldmatrix.x4 row address for the four 8x8 quadrants of the 16x16
+        tile at off, in the order (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15),
+        (8-15, 8-15)."""
+        lane = cuda.threadIdx.x & 31
+        r = (lane & 7) + (lane & 8)
+        c = (lane >> 4) << 3
+        return smem_addr(sm, off + r * LD + c)
+
     @lru_cache(maxsize=None)
     def ops(kind: str):
         mma_i = mma_bf16 if kind == "bf16" else mma_f16
@@ -411,10 +421,7 @@ else:
         @cuda.jit(device=True, inline=True)
         def frag_a(sm, off, LD):
             # matrices (rows 0-7, cols 0-7), (rows 8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
-            lane = cuda.threadIdx.x & 31
-            r = (lane & 7) + (lane & 8)
-            c = (lane >> 4) << 3
-            return ldsm_x4(smem_addr(sm, off + r * LD + c))
+            return ldsm_x4(_quadrants(sm, off, LD))
 
         @cuda.jit(device=True, inline=True)
         def frag_b2(sm, off, LD):
@@ -428,10 +435,7 @@ else:
         def frag_bt2(sm, off, LD):
             # T[k, n] row-major, transposed: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7,
             # n 8-15), (k 8-15, n 8-15)
-            lane = cuda.threadIdx.x & 31
-            r = (lane & 7) + (lane & 8)
-            c = (lane >> 4) << 3
-            return ldsm_x4_t(smem_addr(sm, off + r * LD + c))
+            return ldsm_x4_t(_quadrants(sm, off, LD))
 
         @cuda.jit(device=True, inline=True)
         def mma(scr, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):

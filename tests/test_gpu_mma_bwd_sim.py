@@ -1,6 +1,6 @@
 """The tensor-core backward (gpu/_mma_bwd.py) in Numba's CUDA simulator (CI has no GPU).
 
-Runs in a child process with NUMBA_ENABLE_CUDASIM=1 (see tests/test_gpu_sim.py for
+Runs in a child process with NUMBA_ENABLE_CUDASIM=1 (see tests/_sim.py for
 why). float16 backward calls take the mma dK/dV kernel (dQ by atomics) there as on the
 GPU, with gpu/_ptx.py's simulator stand-ins for the fragment operations; the test
 checks that it is the kernel launched. The simulator kernel has 2 warps (32-key kv
@@ -20,39 +20,23 @@ contention, speed.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _sim import FLEX, run_script
 
 pytest.importorskip("numba")
 
-_SCRIPT = textwrap.dedent(
+_SCRIPT = FLEX + textwrap.dedent(
     r"""
-    import os, sys, time
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    os.environ.pop("ATTN_GPU_MMA_BWD", None)
-    os.environ.pop("ATTN_GPU_BWD", None)
-    import torch
+    import time
     import torch.nn.functional as F
-    import attn
-    try:
-        from attn import gpu
-    except ImportError:
-        attn.__path__.append(sys.argv[1])
-        from attn import gpu
     sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
     from _util import assert_close_to_oracle
-    from attn import mods, _modgen
-    from attn._flex import KernelSpec
     from attn.gpu import _mma_bwd, _kernels
     from attn.reference import attention, flex_attention as ref_flex
-    assert gpu.SIM and gpu.MMA_BACKWARD
+    assert gpu.MMA_BACKWARD
     dt = torch.float16
     assert not gpu.mma_bwd_reasons(dt, 16, 16), gpu.mma_bwd_reasons(dt, 16, 16)
     assert gpu.mma_bwd_reasons(torch.float32, 16, 16)
@@ -90,10 +74,7 @@ _SCRIPT = textwrap.dedent(
                 return torch.randn(B, L, H, W, generator=g).to(dt).transpose(1, 2)
             return torch.randn(B, H, L, W, generator=g).to(dt)
         q, k, v = mk(Hq, Lq, D), mk(Hkv, Lk, D), mk(Hkv, Lk, Dv or D)
-        mask = None
-        if mask_kind == "bool":
-            mask = torch.rand(1, 1, Lq, Lk, generator=g) > 0.4
-            mask[..., 2, :] = False  # a query that sees no key
+        mask = make_mask(mask_kind, B, Lq, Lk, dt, g)  # "bool": query 2 sees no key
         out, lse = gpu.forward(q, k, v, mask, causal)
         go = torch.randn(out.shape, generator=g).to(dt)
         gqa = Hq != Hkv
@@ -130,17 +111,10 @@ _SCRIPT = textwrap.dedent(
 
     # FlexAttention: per-(batch, head) transposed block lists at the kernel's 16x32
     # tiles (BLOCK_SIZE 32), full and partial blocks, mask_mod, score_mod, GQA.
-    L = 49
-    g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, H, L, 16, generator=g).to(dt) for H in (2, 1, 1))
-    go = torch.randn(1, 2, L, 16, generator=g).to(dt)
-    for mask_mod, score_mod in ((mods.causal_mask, mods.alibi(2)),
-                                (mods.document_mask(torch.tensor([0, 10, 11, 40, 49])),
-                                 None)):
-        bm = attn.create_block_mask(mask_mod, 1, 2, L, L, device="cpu", BLOCK_SIZE=32)
-        spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod),
-                          _modgen.trace_score_mod(score_mod) if score_mod else None,
-                          False, None)
+    g, q, k, v = mma_flex_inputs(7)
+    go = torch.randn(1, 2, MMA_FLEX_L, 16, generator=g).to(dt)
+    for mask_mod, score_mod in MMA_FLEX_MODS:
+        bm, spec = flex_spec(mask_mod, score_mod, 1, 2, MMA_FLEX_L, 32)
         assert not gpu.mma_bwd_reasons(dt, 16, 16, None, bm.BLOCK_SIZE)
         out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
         before = dict(used)
@@ -156,10 +130,5 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_mma_backward_in_cuda_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(ROOT)], env=env, cwd=str(ROOT),
-        capture_output=True, text=True, timeout=900,
-    )
-    assert r.returncode == 0, f"simulator run failed:\n{r.stdout}\n{r.stderr[-4000:]}"
-    assert "OK" in r.stdout, r.stdout
+    # The defaults under test: the tensor-core backward on, dQ by atomics.
+    run_script(_SCRIPT, timeout=900, unset=("ATTN_GPU_MMA_BWD", "ATTN_GPU_BWD"))

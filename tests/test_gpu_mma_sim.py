@@ -1,6 +1,6 @@
 """The tensor-core forward (gpu/_mma.py) in Numba's CUDA simulator (CI has no GPU).
 
-Runs in a child process with NUMBA_ENABLE_CUDASIM=1 (see tests/test_gpu_sim.py for
+Runs in a child process with NUMBA_ENABLE_CUDASIM=1 (see tests/_sim.py for
 why). float16 inputs take the mma kernel there as on the GPU, with the simulator-safe
 stand-ins of gpu/_ptx.py for the fragment operations (fragment loads gather each lane's
 own elements, mma and the row reductions go through shared scratch with barriers). The
@@ -20,33 +20,17 @@ shared memory above 48 KiB, speed.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _sim import FLEX, run_script
 
 pytest.importorskip("numba")
 
-_SCRIPT = textwrap.dedent(
+_SCRIPT = FLEX + textwrap.dedent(
     r"""
-    import os, sys
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    import torch
-    import attn
-    try:
-        from attn import gpu
-    except ImportError:
-        attn.__path__.append(sys.argv[1])
-        from attn import gpu
-    from attn import mods, _modgen
-    from attn._flex import KernelSpec
     from attn.reference import attention, flex_attention as ref_flex
-    assert gpu.SIM
     dt = torch.float16
     assert not gpu.mma_reasons(dt, 16, 16), gpu.mma_reasons(dt, 16, 16)
     assert gpu.mma_reasons(torch.float32, 16, 16)  # float32 stays on the SIMT kernel
@@ -78,13 +62,7 @@ _SCRIPT = textwrap.dedent(
         q = mk(g, B, Hq, Lq, D, layout)
         k = mk(g, B, Hkv, Lk, D, layout)
         v = mk(g, B, Hkv, Lk, Dv, layout)
-        mask = None
-        if mask_kind == "bool":
-            mask = torch.rand(1, 1, Lq, Lk, generator=g) > 0.4
-            if Lq > 2:
-                mask[..., 2, :] = False
-        elif mask_kind == "additive":
-            mask = torch.randn(B, 1, Lq, Lk, generator=g).to(dt)
+        mask = make_mask(mask_kind, B, Lq, Lk, dt, g)
         out, lse = gpu.forward(q, k, v, mask, causal)
         ro, rl = attention(q.double(), k.double(), v.double(), mask, causal, None,
                            enable_gqa=Hq != Hkv)
@@ -103,16 +81,9 @@ _SCRIPT = textwrap.dedent(
 
     # FlexAttention through the same kernel: block lists per (batch, head), mask_mod on
     # partial blocks, score_mod, GQA. BLOCK_SIZE 32 is a multiple of the 32x16 tiles.
-    L = 49
-    g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(1, H, L, 16, generator=g).to(dt) for H in (2, 1, 1))
-    for mask_mod, score_mod in ((mods.causal_mask, mods.alibi(2)),
-                                (mods.document_mask(torch.tensor([0, 10, 11, 40, 49])),
-                                 None)):
-        bm = attn.create_block_mask(mask_mod, 1, 2, L, L, device="cpu", BLOCK_SIZE=32)
-        spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod),
-                          _modgen.trace_score_mod(score_mod) if score_mod else None,
-                          False, None)
+    g, q, k, v = mma_flex_inputs(6)
+    for mask_mod, score_mod in MMA_FLEX_MODS:
+        bm, spec = flex_spec(mask_mod, score_mod, 1, 2, MMA_FLEX_L, 32)
         assert not gpu.mma_reasons(dt, 16, 16, None, bm.BLOCK_SIZE)
         out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
         ro, rl, _ = ref_flex(q.double(), k.double(), v.double(), score_mod, bm, None, True)
@@ -123,10 +94,4 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_mma_forward_in_cuda_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(ROOT)], env=env, cwd=str(ROOT),
-        capture_output=True, text=True, timeout=900,
-    )
-    assert r.returncode == 0, f"simulator run failed:\n{r.stdout}\n{r.stderr[-4000:]}"
-    assert "OK" in r.stdout, r.stdout
+    run_script(_SCRIPT, timeout=900)

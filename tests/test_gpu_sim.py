@@ -2,7 +2,8 @@
 
 The simulator (NUMBA_ENABLE_CUDASIM=1) must be switched on before numba is imported,
 and it changes numba.cuda for the whole process; so every check runs in a child
-process with the variable set, and the CPU tests in the same pytest run are untouched.
+process with the variable set (tests/_sim.py), and the CPU tests in the same pytest
+run are untouched.
 The simulator runs each CUDA thread as a Python thread on host arrays, so shapes are
 tiny: L in {1, 17, 33}, D in {8, 16}, causal and not, GQA, masks, transposed inputs;
 forward (out, lse) and backward (dq, dk, dv, with a gradient on lse too) against
@@ -17,31 +18,18 @@ above 16, long sequences, speed and determinism across runs.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _sim import FLEX, run_script
 
 pytest.importorskip("numba")
 
 _SCRIPT = textwrap.dedent(
     r"""
-    import os, sys, itertools
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    import torch
-    import attn
-    try:
-        from attn import gpu
-    except ImportError:
-        attn.__path__.append(sys.argv[1])
-        from attn import gpu
+    import itertools
     from attn.reference import attention
-    assert gpu.SIM
 
     def case(B, Hq, Hkv, Lq, Lk, D, Dv, causal, mask_kind, transposed, dtype, seed):
         g = torch.Generator().manual_seed(seed)
@@ -53,13 +41,7 @@ _SCRIPT = textwrap.dedent(
             v = mk(B, Lk, Hkv, Dv).transpose(1, 2)
         else:
             q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, Dv)
-        mask = None
-        if mask_kind == "bool":
-            mask = torch.rand(1, 1, Lq, Lk, generator=g) > 0.4
-            if Lq > 2:
-                mask[..., 2, :] = False  # a fully masked row: out 0, lse -inf
-        elif mask_kind == "additive":
-            mask = torch.randn(B, 1, Lq, Lk, generator=g).to(dtype)
+        mask = make_mask(mask_kind, B, Lq, Lk, dtype, g)
         out, lse = gpu.forward(q, k, v, mask, causal)
         qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
         ro, rl = attention(qd, kd, vd, mask, causal, None, enable_gqa=Hq != Hkv)
@@ -109,43 +91,19 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_gpu_kernels_in_cuda_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(ROOT)], env=env, cwd=str(ROOT),
-        capture_output=True, text=True, timeout=600,
-    )
-    assert r.returncode == 0, f"simulator run failed:\n{r.stdout}\n{r.stderr[-4000:]}"
-    assert "OK" in r.stdout, r.stdout
+    run_script(_SCRIPT, timeout=600)
 
 
-_FLEX_SCRIPT = textwrap.dedent(
+_FLEX_SCRIPT = FLEX + textwrap.dedent(
     r"""
-    import os, sys
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    import torch
-    import attn
-    from attn import mods, _modgen
-    try:
-        from attn import gpu
-    except ImportError:
-        attn.__path__.append(sys.argv[1])
-        from attn import gpu
-    from attn._flex import KernelSpec
     from attn.reference import flex_attention as ref_flex
-    assert gpu.SIM
 
     def case(name, B, Hq, Hkv, L, D, score_mod, mask_mod, block, seed):
         g = torch.Generator().manual_seed(seed)
         q = torch.randn(B, Hq, L, D, generator=g)
         k = torch.randn(B, Hkv, L, D, generator=g)
         v = torch.randn(B, Hkv, L, D, generator=g)
-        bm = None
-        if mask_mod is not None:
-            bm = attn.create_block_mask(mask_mod, B, Hq, L, L, device="cpu", BLOCK_SIZE=block)
-        spec = KernelSpec(None, bm,
-                          _modgen.trace_mask_mod(bm.mask_mod) if bm is not None else None,
-                          _modgen.trace_score_mod(score_mod) if score_mod else None,
-                          False, None)
+        bm, spec = flex_spec(mask_mod, score_mod, B, Hq, L, block)
         reasons = gpu.flex_reasons(bm, spec.mask_mod, spec.score_mod,
                                    gpu.tilings(D, D))
         assert not reasons, reasons
@@ -187,10 +145,4 @@ _FLEX_SCRIPT = textwrap.dedent(
 def test_gpu_flex_kernels_in_cuda_simulator():
     """Block masks (per batch and head, kv blocks split into kernel tiles), mask_mod on
     partial blocks, score_mod and its derivative as device functions, GQA."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run(
-        [sys.executable, "-c", _FLEX_SCRIPT, str(ROOT)], env=env, cwd=str(ROOT),
-        capture_output=True, text=True, timeout=900,
-    )
-    assert r.returncode == 0, f"simulator run failed:\n{r.stdout}\n{r.stderr[-4000:]}"
-    assert "OK" in r.stdout, r.stdout
+    run_script(_FLEX_SCRIPT, timeout=900)

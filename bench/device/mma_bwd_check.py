@@ -22,7 +22,6 @@ Each case catches its own exception and reports it, so one failure hides nothing
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -35,25 +34,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from _checks import gpu_modules as _gpu  # noqa: E402
+from _checks import kernels_used as _kernels_used  # noqa: E402
+from _checks import max_err as _err  # noqa: E402
+from _checks import print_kernels as _print_kernels  # noqa: E402
+
 FLOOR = {"float16": 1e-3, "bfloat16": 4e-3}  # tests/_util.py
 DEADLINE_S = 110  # correctness groups; the timing runs after (kernels from the disk cache)
 DEV = "cuda"  # (a dry run of _case in the CUDA simulator sets "cpu")
-
-
-def _gpu():
-    import attn
-    try:
-        from attn import gpu
-    except ImportError:
-        attn.__path__.append(str(ROOT))
-        from attn import gpu
-    return attn, gpu
-
-
-def _err(a, b):
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().nan_to_num(nan=math.inf).max().item()
 
 
 def _spy():
@@ -150,31 +138,6 @@ def _case(attn, gpu, used, dname, B, Hq, Hkv, Lq, Lk, D, causal, layout=None,
         ok = ok and res["public_runs_equal_dkdv"]
     res["ok"] = bool(ok)
     return res
-
-
-def _attr(k, name):
-    for n in ("get_" + name, name):
-        a = getattr(k, n, None)
-        if a is not None:
-            try:
-                return a() if callable(a) else a
-            except Exception as e:
-                return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _kernels_used():
-    from attn.gpu import _cuda
-    rows = []
-    for p in list(_cuda._prepared.values()):
-        k = p.kern
-        fn = getattr(k, "py_func", None)
-        rows.append({"kernel": f"{getattr(fn, '__module__', '?')}."
-                               f"{getattr(fn, '__qualname__', type(k).__name__)}",
-                     "regs": _attr(k, "regs_per_thread"),
-                     "local_bytes": _attr(k, "local_mem_per_thread"),
-                     "shared_dyn": p.shmem})
-    return rows
 
 
 def worker(spec):
@@ -334,13 +297,7 @@ def main():
                   + ("" if r["mma_launched"] else "  (SIMT kernel ran!)"))
     print(f"{ncase} cases, {nbad} bad; correctness wall {res['correctness_wall_s']:.0f}s")
     print("\n== kernels (regs, local bytes, dyn shared)")
-    seen = set()
-    for gr in groups:
-        for k in gr.get("kernels", []):
-            key = (k.get("kernel"), k.get("regs"), k.get("local_bytes"), k.get("shared_dyn"))
-            if key not in seen:
-                seen.add(key)
-                print(key)
+    _print_kernels(groups)
     print("\n== bf16 TFLOP/s, B=4 L=4096 H*D=2048 (bwd = from fwd+bwd minus fwd)")
     print("D causal | attn fwd bwd fwd+bwd | FLASH fwd bwd fwd+bwd | fwd+bwd ratio")
     for r in res["timing"]:

@@ -19,7 +19,6 @@ Writes OUTDIR/mma_check.json and prints a table at the end.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -29,25 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _checks import gpu_modules as _gpu  # noqa: E402
+from _checks import kernels_used as _kernels_used  # noqa: E402
+from _checks import max_err as _err  # noqa: E402
+from _checks import print_kernels as _print_kernels  # noqa: E402
 
 FLOOR = {"float16": 2e-3, "bfloat16": 1.6e-2}
-
-
-def _gpu():
-    import attn
-    try:
-        from attn import gpu
-    except ImportError:
-        attn.__path__.append(str(ROOT))
-        from attn import gpu
-    return attn, gpu
-
-
-def _err(a, b):
-    import torch
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().nan_to_num(nan=math.inf).max().item()
 
 
 def _case(gpu, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, causal, layout=None, mask_kind=None,
@@ -155,32 +143,6 @@ def _flex_case(attn, gpu, dtype, D, kind, seed=0):
     return res
 
 
-def _attr(k, name):
-    # numba-cuda names these get_regs_per_thread() or regs_per_thread by version.
-    for n in ("get_" + name, name):
-        a = getattr(k, n, None)
-        if a is not None:
-            try:
-                return a() if callable(a) else a
-            except Exception as e:
-                return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _kernels_used(gpu):
-    from attn.gpu import _cuda
-    rows = []
-    for p in list(_cuda._prepared.values()):
-        k = p.kern
-        fn = getattr(k, "py_func", None)
-        rows.append({"kernel": f"{getattr(fn, '__module__', '?')}."
-                               f"{getattr(fn, '__qualname__', type(k).__name__)}",
-                     "regs": _attr(k, "regs_per_thread"),
-                     "local_bytes": _attr(k, "local_mem_per_thread"),
-                     "shared_dyn": p.shmem})
-    return rows
-
-
 def worker(spec):
     """One group of correctness cases (one kernel specialisation family), in a fresh
     process (the tile configuration is read at import)."""
@@ -215,7 +177,7 @@ def worker(spec):
         if cfg:
             r["case"] += f" config={cfg}"
     try:
-        kern = _kernels_used(gpu)
+        kern = _kernels_used()
     except Exception as e:
         kern = [{"kernel": f"query failed: {e}", "regs": None, "local_bytes": None,
                  "shared_dyn": None}]
@@ -283,7 +245,7 @@ def _timing(pts, cfg):
         rows.append(row)
         print(json.dumps(row), flush=True)
     try:
-        kern = _kernels_used(gpu)
+        kern = _kernels_used()
     except Exception as e:
         kern = [{"kernel": f"query failed: {e}"}]
     return {"cfg": cfg, "rows": rows, "kernels": kern}
@@ -351,14 +313,8 @@ def main():
     print(f"{sum(len(g['results']) for g in groups)} cases, {nbad} bad; "
           f"wall {res['correctness_wall_s']:.0f}s")
     print("\n== kernels (regs, local bytes, dyn shared)")
-    seen = set()
-    for gr in groups + res["timing_runs"]:
-        for k in gr["kernels"]:
-            key = (k.get("kernel"), k.get("config"), k.get("regs"), k.get("local_bytes"),
-                   k.get("shared_dyn"))
-            if key not in seen:
-                seen.add(key)
-                print(key)
+    _print_kernels(groups + res["timing_runs"],
+                   ("kernel", "config", "regs", "local_bytes", "shared_dyn"))
     print("\n== forward TFLOP/s (B*L=16k, H*D=2048)")
     print("dtype D L causal | attn.mma FLASH EFFICIENT CUDNN | mma/FLASH")
     for r in res["timing"]:
