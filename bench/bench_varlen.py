@@ -180,7 +180,7 @@ def main():
             row = {"causal": causal, "mode": mode, "ms": {}, "tflops": {}, "errors": {}}
             mon = None if cuda else CpuMonitor().start()
             pair = ("attn varlen", "attn dense (same tokens)")
-            timed = time_interleaved(timer, {n: cands[n][0] for n in pair}, warmup=1,
+            timed = time_interleaved(timer, {n: cands[n][0] for n in pair}, warmup=2,
                                      repeats=args.repeats)
             for name, ((fn, setup), f) in cands.items():
                 try:
