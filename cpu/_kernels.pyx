@@ -45,6 +45,9 @@ cdef extern from "tile_ops.h" nogil:
                           double *l, double *alpha)
     void mask_rows_float(int nrows, int nq, const float *M, long ld, int *lo, int *hi)
     void mask_rows_double(int nrows, int nq, const double *M, long ld, int *lo, int *hi)
+    void mask_cols_float(int nrows, int ncols, const float *M, long ld, int *lo, int *hi)
+    void mask_cols_double(int nrows, int ncols, const double *M, long ld, int *lo,
+                          int *hi)
     void mask_select_float(int nrows, int ncols, float *S, long lds, const float *M,
                            long ldm)
     void mask_select_double(int nrows, int ncols, double *S, long lds, const double *M,
@@ -660,7 +663,8 @@ cdef size_t kv_scratch_elems(Problem *p) noexcept nogil:
             + <size_t>p.BMp * p.D          # Q rows times the softmax scale
             + <size_t>p.BMp * p.Dvp        # packed dO rows
             + 3 * <size_t>p.BMp * p.BNp    # S / P, dP / dS and d score_mod / d S
-            + 2 * <size_t>p.BMp)           # lse, delta of the q block
+            + 2 * <size_t>p.BMp            # lse, delta of the q block
+            + <size_t>p.BMp * p.BNp)       # mask_mod tile (visible_pairs)
 
 
 cdef inline void kv_begin(real *dummy, Problem *p, long b, long hk, int k0, int nk,
@@ -684,12 +688,60 @@ cdef inline void kv_begin(real *dummy, Problem *p, long b, long hk, int k0, int 
            <size_t>nk * p.Dvp * sizeof(real))
 
 
+cdef inline int visible_pairs(real *dummy, Problem *p, long b, long h, int q0, int mq,
+                              int k0, int nk, int mode, long long diag, real *M,
+                              int *i_lo, int *i_hi, int *j_lo, int *j_hi) noexcept nogil:
+    """The kv pass's visible_keys: query rows i_lo..i_hi-1 and key columns
+    j_lo..j_hi-1 of a (q tile, kv tile) pair that can hold a visible element; a row or
+    column outside has P = 0 everywhere, so it adds exactly nothing to dV, dK or dQ.
+    Returns 1 when M holds the tile's mask_mod (q-major, 0 visible, -inf hidden)."""
+    cdef long long lo, hi
+    i_lo[0] = 0
+    i_hi[0] = mq
+    j_lo[0] = 0
+    j_hi[0] = nk
+    if mode == PAIR_BAND:
+        # Queries that see a key of the tile, keys that a query of the tile sees: each
+        # a union of shifted bands of width >= 1, so one interval.
+        lo = clampll(<long long>k0 - diag - p.jg.right - q0, 0, mq)
+        hi = clampll(<long long>k0 + nk - 1 - diag + p.jg.left - q0 + 1, lo, mq)
+        i_lo[0], i_hi[0] = <int>lo, <int>hi
+        lo = clampll(<long long>q0 + diag - p.jg.left - k0, 0, nk)
+        hi = clampll(<long long>q0 + mq + diag + p.jg.right - k0, lo, nk)
+        j_lo[0], j_hi[0] = <int>lo, <int>hi
+        return 0
+    if mode != PAIR_PARTIAL or p.mask_kind != MASK_NONE:
+        return 0
+    if p.mod_mask == NULL:
+        if p.causal:
+            # Top-left causal: query q0 + r sees keys <= q0 + r.
+            i_lo[0] = max(0, min(mq, k0 - q0))
+            j_hi[0] = max(0, min(nk, q0 + mq - k0))
+        return 0
+    if p.causal:
+        return 0
+    memset(M, 0, <size_t>mq * p.BNp * sizeof(real))
+    if real is float:
+        (<tile_f32>p.mod_mask)(b, h, q0, mq, k0, nk, M, p.BNp, 1, p.mask_bufs)
+        mask_rows_float(mq, nk, M, p.BNp, i_lo, i_hi)
+        mask_cols_float(mq, p.BNp, M, p.BNp, j_lo, j_hi)
+    else:
+        (<tile_f64>p.mod_mask)(b, h, q0, mq, k0, nk, M, p.BNp, 1, p.mask_bufs)
+        mask_rows_double(mq, nk, M, p.BNp, i_lo, i_hi)
+        mask_cols_double(mq, p.BNp, M, p.BNp, j_lo, j_hi)
+    # Columns past nk were not evaluated (their zeros are not "visible").
+    j_hi[0] = min(j_hi[0], nk)
+    j_lo[0] = min(j_lo[0], j_hi[0])
+    return 1
+
+
 cdef inline void kv_pair(real *dummy, Problem *p, long b, long h, long hk, int q0, int mq,
                          int k0, int nk, int mode, long long diag, int fuse_dq,
                          const real *Kr, long ldk, real *scratch) noexcept nogil:
     """One q tile's contribution to the dK / dV of a kv tile (kv_begin packed it), and
     with fuse_dq its share of dQ (race-free only when one item owns every kv tile its
-    q tiles see)."""
+    q tiles see). Only the rows and columns visible_pairs keeps are computed (the key
+    columns from a multiple of ATTN_PAD, so the products keep whole vectors)."""
     cdef int BNp = p.BNp
     cdef real *Kt = scratch
     cdef real *Vt = Kt + <size_t>p.D * BNp
@@ -702,16 +754,31 @@ cdef inline void kv_pair(real *dummy, Problem *p, long b, long h, long hk, int q
     cdef real *G = dP + <size_t>p.BMp * BNp
     cdef real *lr = G + <size_t>p.BMp * BNp
     cdef real *dl = lr + p.BMp
-    cdef real *dK = <real *>p.dk + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dp
-    cdef real *dV = <real *>p.dv + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dvp
+    cdef real *M = dl + p.BMp
     cdef real *lse = <real *>p.lse
     cdef real *delta = <real *>p.delta
-    cdef long row = (b * p.Hq + h) * p.Lq + q0
+    cdef real *dK
+    cdef real *dV
     cdef real *dQ
     cdef const real *Qr
     cdef const real *dOr
-    cdef long ldq, ldo
-    cdef int r
+    cdef long ldq, ldo, row
+    cdef int r, i0, i1, j0, j1, N
+    cdef int pre = visible_pairs(dummy, p, b, h, q0, mq, k0, nk, mode, diag, M, &i0, &i1,
+                                 &j0, &j1)
+    if i1 <= i0 or j1 <= j0:
+        return
+    # Keep whole vectors: the key columns start on a multiple of ATTN_PAD; the extra
+    # columns are hidden (masked below) or padding, as in an untrimmed tile.
+    j0 = j0 // ATTN_PAD * ATTN_PAD
+    N = pad(j1 - j0)
+    q0 += i0
+    mq = i1 - i0
+    k0 += j0
+    nk = min(nk - j0, N)
+    row = (b * p.Hq + h) * p.Lq + q0
+    dK = <real *>p.dk + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dp
+    dV = <real *>p.dv + ((b * p.Hkv + hk) * p.Lk + k0) * <long>p.Dvp
     for r in range(mq):
         lr[r] = lse_for_bwd(lse[row + r])
         dl[r] = delta[row + r]
@@ -719,15 +786,21 @@ cdef inline void kv_pair(real *dummy, Problem *p, long b, long h, long hk, int q
     pack_rows(dummy, &p.q, b, h, q0, mq, p.D, <real>p.scale, Qsc)
     dOr = rows_or_pack(dummy, &p.do, b, h, q0, mq, p.Dv, p.Dvp, dOs, &ldo)
     # S = Q K^T * scale (queries x keys), dP = dO V^T.
-    gemm(mq, BNp, p.D, Qsc, p.D, 1, Kt, BNp, S, BNp, 0)
+    gemm(mq, N, p.D, Qsc, p.D, 1, Kt + j0, BNp, S, BNp, 0)
     if p.mod_score != NULL:
         apply_score_mod(dummy, p, S, G, BNp, 1, b, h, q0, mq, k0, nk)
-    mask_pair(dummy, p, S, BNp, 1, b, h, q0, mq, k0, nk, mode, diag)
-    gemm(mq, BNp, p.Dv, dOr, ldo, 1, Vt, BNp, dP, BNp, 0)
-    if real is float:
-        bwd_rows_f32(mq, BNp, S, BNp, dP, BNp, lr, dl)
+    if pre:
+        if real is float:
+            mask_select_float(mq, N, S, BNp, M + <size_t>i0 * BNp + j0, BNp)
+        else:
+            mask_select_double(mq, N, S, BNp, M + <size_t>i0 * BNp + j0, BNp)
     else:
-        bwd_rows_f64(mq, BNp, S, BNp, dP, BNp, lr, dl)
+        mask_pair(dummy, p, S, BNp, 1, b, h, q0, mq, k0, nk, mode, diag)
+    gemm(mq, N, p.Dv, dOr, ldo, 1, Vt + j0, BNp, dP, BNp, 0)
+    if real is float:
+        bwd_rows_f32(mq, N, S, BNp, dP, BNp, lr, dl)
+    else:
+        bwd_rows_f64(mq, N, S, BNp, dP, BNp, lr, dl)
     if p.mod_score != NULL:
         chain_score_grad(dP, G, BNp, mq, nk)
     # dV += P^T dO and dK += dS^T Q (unscaled; the launcher applies scale).
@@ -735,7 +808,7 @@ cdef inline void kv_pair(real *dummy, Problem *p, long b, long h, long hk, int q
     gemm(nk, p.Dp, mq, dP, 1, BNp, Qr, ldq, dK, p.Dp, 1)
     if fuse_dq:
         dQ = <real *>p.dq + row * <long>p.Dp
-        gemm(mq, p.Dp, nk, dP, BNp, 1, Kr, ldk, dQ, p.Dp, 1)
+        gemm(mq, p.Dp, nk, dP, BNp, 1, Kr + <size_t>j0 * ldk, ldk, dQ, p.Dp, 1)
 
 
 cdef void kv_item(real *dummy, Problem *p, long b, long hk, int j, int fuse_dq,

@@ -426,6 +426,25 @@ static void bwd_cols_f64(int nrows, int ncols, double *S, long lds, double *dP, 
         *lo = a;                                                                   \
         *hi = b;                                                                   \
     }                                                                              \
+    /* The same for the columns of an nrows x ncols tile (ncols a multiple of the   \
+     * vector width): first and one-past-last column visible in some row. */       \
+    static void mask_cols_##T(int nrows, int ncols, const T *M, long ld, int *lo,   \
+                              int *hi)                                             \
+    {                                                                              \
+        int a = ncols, b = 0;                                                      \
+        for (int c = 0; c < ncols; c += VW) {                                      \
+            VI any = (VI){0};                                                      \
+            for (int r = 0; r < nrows; r++)                                        \
+                any |= (VI)(ld_##V(M + (long)r * ld + c) == (V){0});               \
+            for (int i = 0; i < VW; i++)                                           \
+                if (any[i]) {                                                      \
+                    if (c + i < a) a = c + i;                                      \
+                    b = c + i + 1;                                                 \
+                }                                                                  \
+        }                                                                          \
+        *lo = a < b ? a : 0;                                                       \
+        *hi = a < b ? b : 0;                                                       \
+    }                                                                              \
     static void mask_select_##T(int nrows, int ncols, T *S, long lds, const T *M,   \
                                 long ldm)                                          \
     {                                                                              \
