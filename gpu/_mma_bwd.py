@@ -449,10 +449,10 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
             # k-step kk sits at key row 8*(e & 1) + g, query 16kk + 8*(e >> 1) + 2t).
             for kk in range(KQ):
                 for e in range(4):
-                    x2 = pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1])
-                    pa[4 * kk + e] = x2
+                    w2 = pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1])
+                    pa[4 * kk + e] = w2
                     smi[(OS + (16 * w + g + 8 * (e & 1)) * LDS + 16 * kk + 8 * (e >> 1)
-                         + 2 * t) >> 1] = x2
+                         + 2 * t) >> 1] = w2
             # dK += dS^T Q
             dsq(scr, sm, oq, pa, dka)
             # Barrier: dS^T of every warp is in shared memory (and every warp is done

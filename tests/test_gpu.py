@@ -216,10 +216,19 @@ def test_deterministic(dtype):
     finally:
         torch.use_deterministic_algorithms(prev)
     assert all(torch.equal(a, b) for a, b in zip(d1, d2))
-    assert torch.equal(d1[1], g1[1]) and torch.equal(d1[2], g1[2])
-    ref = d1[0].double()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (g1[0].double() - ref).abs().max().item() <= tol * max(ref.abs().max().item(), 1)
+
+    def close(a, ref):
+        ref = ref.double()
+        return (a.double() - ref).abs().max().item() <= tol * max(ref.abs().max().item(), 1)
+
+    # Deterministic mode runs the split SIMT backward; the default may run the
+    # tensor-core dK/dV kernel (float16/bfloat16), whose sums are ordered differently.
+    if gpu.mma_bwd_reasons(dtype, 64, 64):
+        assert torch.equal(d1[1], g1[1]) and torch.equal(d1[2], g1[2])
+    else:
+        assert close(g1[1], d1[1]) and close(g1[2], d1[2])
+    assert close(g1[0], d1[0])
 
 
 def test_runs_on_current_stream():
