@@ -227,7 +227,10 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     OV0 = OK0 + 2 * KSZ
     VSZ = BN * LDV
     SCR = SCRATCH_WORDS(NW)
-    MODS = MASK or MASKMOD or SCORE
+    # Full blocks of a mask-only call need no per-element work (FlexAttention's
+    # full/partial split): only score_mod, or a partial block's masks, take the
+    # shared-memory path, the rest the register path of dense calls.
+    MASKS = MASK or MASKMOD
     OMF = (OV0 + 2 * VSZ) // 2  # float32 offset of the mods' S scratch
     load_q = _loader(BM, D, LDQ, NTH, kind, o_.cp16)
     load_k = _loader(BN, D, LDQ, NTH, kind, o_.cp16)
@@ -349,7 +352,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             # block. Every loop that indexes registers has a small body, so that it is
             # fully unrolled (a loop left rolled would move S to local memory).
             partial = it >= nf
-            if MODS:
+            if SCORE or (MASKS and partial):
                 # Mods and attn_mask: the per-element work can be large, so it runs on
                 # a copy of S in shared memory (each lane its own column, no barrier
                 # needed), rolled or not as the compiler likes.

@@ -38,7 +38,7 @@ computed. Two barriers per q block: after the copies land, and after dS^T is in
 shared memory; the next block's copies (into the other buffer) and dS^T writes come
 after the second barrier, when every warp is done with what they overwrite.
 
-Mods and attn_mask (``MODS``): S and dP go to a per-lane shared copy, where the
+score_mod, and the masks of partial blocks: S and dP go to a per-lane shared copy, where the
 per-element work (score_mod and its derivative, mask_mod, the additive mask) runs
 rolled or not as the compiler likes, so the register fragments stay unrolled (the
 forward's lesson, bench/NOTES.md G7).
@@ -245,7 +245,10 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                                                         "s"))
     OL0, OD0, OMF = lay["l"], lay["d"], lay["mf"]
     SCR = SCRATCH_WORDS(NW)
-    MODS = MASK or MASKMOD or SCORE
+    # Full blocks of a mask-only call need no per-element work (FlexAttention's
+    # full/partial split): only score_mod, or a partial block's masks, take the
+    # shared-memory path, the rest the register path of dense calls.
+    MASKS = MASK or MASKMOD
     load_k = _loader(BN, D, LDK, NTH, kind, o_.cp16)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
     load_q = _loader(BM, D, LDK, NTH, kind, o_.cp16)
@@ -387,7 +390,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
 
             # P^T and dS^T. Register idx of S^T belongs to key row kr0 + 8*((idx >> 1)
             # & 1) and query column 8*(idx >> 2) + 2t + (idx & 1) of the block.
-            if MODS:
+            if SCORE or (MASKS and partial):
                 for idx in range(NS):
                     smf[OMF + idx * NTH + tid] = s[idx] * sc
                     smf[OMF + (NS + idx) * NTH + tid] = dp[idx]
