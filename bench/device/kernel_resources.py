@@ -1,0 +1,57 @@
+"""Registers and local memory (spills) of every kernel specialisation that a set of
+float16/bfloat16 calls compiles: dense, causal, FlexAttention block masks with and
+without score_mod, varlen; forward and backward, head dims 64 and 128. Run on the GPU
+machine from the repository root: python3 bench/device/kernel_resources.py [OUT.json]"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+import attn  # noqa: E402
+
+attn.__path__.append(str(ROOT))
+from attn import gpu, mods  # noqa: E402
+from attn.gpu import _cuda  # noqa: E402
+
+
+def main():
+    dev = "cuda"
+    rows = []
+    for D in (64, 128):
+        L = 1024
+        q, k, v = (torch.randn(1, 4, L, D, device=dev, dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        calls = {
+            "dense": lambda: attn.scaled_dot_product_attention(q, k, v),
+            "causal": lambda: attn.scaled_dot_product_attention(q, k, v, is_causal=True),
+        }
+        bm = attn.create_block_mask(mods.causal_mask, 1, 4, L, L, device=dev)
+        calls["flex causal mask"] = lambda: attn.flex_attention(q, k, v, block_mask=bm)
+        calls["flex alibi+causal"] = lambda: attn.flex_attention(
+            q, k, v, score_mod=mods.alibi(4), block_mask=bm)
+        for name, fn in calls.items():
+            before = set(_cuda._prepared)
+            out = fn()
+            out.float().sum().backward()
+            torch.cuda.synchronize()
+            for key in set(_cuda._prepared) - before:
+                p = _cuda._prepared[key]
+                kern = p.kern
+                rows.append({
+                    "call": name, "D": D,
+                    "kernel": getattr(getattr(kern, "py_func", None), "__qualname__", "?"),
+                    "registers": kern.get_regs_per_thread() if hasattr(kern, "get_regs_per_thread") else None,
+                    "local_bytes": kern.get_local_mem_per_thread() if hasattr(kern, "get_local_mem_per_thread") else None,
+                    "dynamic_shared_bytes": p.shmem,
+                })
+    for r in rows:
+        print(f"{r['call']:20s} D={r['D']:3d} {r['kernel']:28s} regs {r['registers']}  "
+              f"local {r['local_bytes']} B  smem {r['dynamic_shared_bytes']} B")
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
