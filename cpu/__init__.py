@@ -195,13 +195,16 @@ def _band(flex) -> JaggedBand | None:
     return band if isinstance(band, JaggedBand) else None
 
 
-def _jagged_args(band: JaggedBand, BM: int, BN: int):
-    """(the kernel's jagged tuple, its schedule); the tensors live in the band's cache."""
+def _jagged_args(band: JaggedBand, BM: int, BN: int, q_group: int = 1):
+    """(the kernel's jagged tuple, its schedule); the tensors live in the band's cache.
+    q_group > 1 (the forward's groups of q tiles): the q items are those of the
+    schedule at q_group * BM queries, which the kernel splits into BM tiles."""
     sched = band.schedule(BM, BN)
+    items = band.schedule(BM * q_group, BN).items if q_group > 1 else sched.items
     left, right = band.sides()
     ptrs = tuple(t.data_ptr() for t in (band.q0, band.q1, band.k0, band.k1, band.diag))
     return (band.nseq, ptrs, left, right,
-            (sched.items.data_ptr(), sched.items.shape[0]),
+            (items.data_ptr(), items.shape[0]),
             (sched.kv_items.data_ptr(), sched.kv_items.shape[0]),
             (sched.seq_items.data_ptr(), sched.seq_items.shape[0])), sched
 
@@ -213,15 +216,58 @@ def flex_tiles(block_size) -> tuple[int, int]:
     return math.gcd(BLOCK_M, QB), KB
 
 
-def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None):
+# The forward runs groups of up to 4 q tiles of one (batch, head) in lockstep, so each
+# kv tile is fetched (and packed, when strided) once per group (cpu/_kernels.pyx,
+# bench/NOTES.md C1). A group's state (Q^T, acc, m, l per tile) stays within this many
+# bytes so it shares L2 with the kv tiles.
+_FWD_GROUP_BYTES = 136 * 1024
+# Groups are made smaller while a call would have fewer than this many items per
+# thread (uneven causal rows need several per thread to balance).
+_FWD_ITEMS_PER_THREAD = 8
+
+
+def _fwd_group(B, Hq, BM, D, Dv, itemsize, nthreads, n_items) -> int:
+    """q tiles per forward item: the largest of 4, 2, 1 whose group state fits
+    _FWD_GROUP_BYTES and that leaves enough items; n_items(G) counts the items of a
+    (batch, head). ATTN_CPU_FWD_GROUP forces a size (results are bitwise the same for
+    every size)."""
+    forced = os.environ.get("ATTN_CPU_FWD_GROUP", "").strip()
+    if forced:
+        if forced not in ("1", "2", "3", "4"):
+            raise ValueError(f"ATTN_CPU_FWD_GROUP={forced!r}: expected 1, 2, 3 or 4")
+        return int(forced)
+    BMp = _padded(BM)
+    state = (D * BMp + BMp * _padded(Dv) + 2 * BMp) * itemsize
+    for G in (4, 2):
+        if G * state <= _FWD_GROUP_BYTES and (
+            nthreads == 1 or B * Hq * n_items(G) >= _FWD_ITEMS_PER_THREAD * nthreads
+        ):
+            return G
+    return 1
+
+
+def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None, fwd=False):
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BM, BN = blocks
     mask_kind, mask_t, mask_ptr = _mask_args(attn_mask, B, Hq, Lq, Lk, q.dtype)
     band = _band(flex)
     jagged = None
+    group = 1
+    if fwd:
+        if band is not None:
+            lens = band.q1 - band.q0
+
+            def n_items(G):
+                return int(((lens + G * BM - 1) // (G * BM)).sum())
+        else:
+            nqb = -(-Lq // BM)
+
+            def n_items(G):
+                return -(-nqb // G)
+        group = _fwd_group(B, Hq, BM, D, Dv, q.element_size(), num_threads(), n_items)
     if band is not None:
-        jagged, _ = _jagged_args(band, BM, BN)
+        jagged, _ = _jagged_args(band, BM, BN, group)
         kv_full = kv_part = q_full = q_part = (None, None)
     elif flex is not None and flex.lists is not None:
         kv_full, kv_part, q_full, q_part = _flex_lists(flex)
@@ -245,6 +291,8 @@ def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None):
     }
     if mask_ptr is not None:
         args["mask"] = mask_ptr
+    if fwd:
+        args["fwd_group"] = group
     if jagged is not None:
         args["jagged"] = jagged
     mod_keep = None
@@ -283,7 +331,7 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None, f
         mx = torch.full((B, Hq, Lq), float("-inf"), dtype=cdt)
     if out.numel() or lse.numel():
         args, keep = _common_args(qc, kc, vc, attn_mask, is_causal, scale,
-                                  blocks or (BLOCK_M, BLOCK_N), flex)
+                                  blocks or (BLOCK_M, BLOCK_N), flex, fwd=True)
         args["o"] = _ptr(out)
         args["lse"] = lse.data_ptr()
         if mx is not None:

@@ -26,7 +26,7 @@ kv_pair, q_pair) is shared by both schedules.
 """
 from cython.parallel cimport prange, threadid
 from libc.stdlib cimport free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from libc.math cimport INFINITY, log
 
 cdef extern from "tile_ops.h" nogil:
@@ -151,6 +151,7 @@ cdef struct Problem:
     void **mask_bufs                 # data pointers of the tensors mask_mod reads
     void **score_bufs                # data pointers of the tensors score_mod reads
     char *mx                         # (B, Hq, Lq) row maxima of the scores, or NULL
+    int fwd_group                    # q tiles per forward item (1..FWD_GROUP_MAX)
     int jagged                       # 1: tiles per sequence from jg, not block lists
     Jagged jg
 
@@ -403,16 +404,37 @@ cdef inline int visible_keys(real *dummy, Problem *p, long b, long h, int q0, in
     return 1
 
 
+cdef inline void scores_rows(real *dummy, Problem *p, long b, long h, int q0, int mq,
+                             int k0, int nk, int mode, long long diag, const real *Qt,
+                             real *St, const real *Kr, long ldk, real *G,
+                             const real *Msel) noexcept nogil:
+    """S^T (keys x queries) of the nk keys from k0, whose rows (padded to Dp) are Kr /
+    ldk, against a q block whose Q^T, times the softmax scale, is Qt; score_mod, then
+    the mask: Msel (the evaluated mask_mod rows of these keys) when given, else as
+    `mode` says."""
+    # Broadcast K, vectors of Q^T.
+    gemm(nk, p.BMp, p.D, Kr, ldk, 1, Qt, p.BMp, St, p.BMp, 0)
+    if p.mod_score != NULL:
+        apply_score_mod(dummy, p, St, G, p.BMp, 0, b, h, q0, mq, k0, nk)
+    if Msel != NULL:
+        # The mask as evaluated: hidden elements become -inf, whatever score_mod gave.
+        if real is float:
+            mask_select_float(nk, p.BMp, St, p.BMp, Msel, p.BMp)
+        else:
+            mask_select_double(nk, p.BMp, St, p.BMp, Msel, p.BMp)
+    else:
+        mask_pair(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0, nk, mode, diag)
+
+
 cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q0,
                          int mq, int *k0, int nk, int mode, long long diag,
                          const real *Qt, real *St, real *Ks, const real **Kr, long *ldk,
                          real *G, real *Mt) noexcept nogil:
-    """S^T (keys x queries) of the nk keys from k0[0] against a q block whose Q^T, times
-    the softmax scale, is Qt; masked as `mode` says. Key rows that no query of the block
-    sees are left out (visible_keys): k0[0] moves to the first kept key and the kept
-    count is returned (0: nothing to do). The forward and the dQ pass both compute
-    their scores here, so the dQ pass reproduces the forward's bitwise. Leaves the K
-    rows (padded to Dp, for a later dS K) in Kr / ldk."""
+    """The dQ pass's scores: S^T of the nk keys from k0[0] (scores_rows). Key rows that
+    no query of the block sees are left out (visible_keys): k0[0] moves to the first
+    kept key and the kept count is returned (0: nothing to do). The forward keeps the
+    same rows and makes the same products (fwd_step), so the dQ pass reproduces its
+    scores bitwise. Leaves the K rows (padded to Dp, for a later dS K) in Kr / ldk."""
     cdef int lo, hi
     cdef int pre = visible_keys(dummy, p, b, h, q0, mq, k0[0], nk, mode, diag, Mt, &lo,
                                 &hi)
@@ -421,18 +443,8 @@ cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q
     k0[0] += lo
     nk = hi - lo
     Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0[0], nk, p.D, p.Dp, Ks, ldk)
-    # Broadcast K, vectors of Q^T.
-    gemm(nk, p.BMp, p.D, Kr[0], ldk[0], 1, Qt, p.BMp, St, p.BMp, 0)
-    if p.mod_score != NULL:
-        apply_score_mod(dummy, p, St, G, p.BMp, 0, b, h, q0, mq, k0[0], nk)
-    if pre:
-        # The mask as evaluated: hidden elements become -inf, whatever score_mod gave.
-        if real is float:
-            mask_select_float(nk, p.BMp, St, p.BMp, Mt + <size_t>lo * p.BMp, p.BMp)
-        else:
-            mask_select_double(nk, p.BMp, St, p.BMp, Mt + <size_t>lo * p.BMp, p.BMp)
-    else:
-        mask_pair(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0[0], nk, mode, diag)
+    scores_rows(dummy, p, b, h, q0, mq, k0[0], nk, mode, diag, Qt, St, Kr[0], ldk[0], G,
+                Mt + <size_t>lo * p.BMp if pre else NULL)
     return nk
 
 
@@ -500,22 +512,115 @@ cdef inline int jg_pair_mode(Problem *p, int s, int q0, int mq, int k0,
 
 
 # ----------------------------------------------------------------------------- forward
+# A forward item is a group of up to FWD_GROUP_MAX q tiles of one (batch, head), run in
+# lockstep: every kv tile is fetched once and met by each q tile of the group in turn,
+# so it is read from L3 (and packed, when its rows are strided) once per group instead
+# of once per q tile; the other q tiles find it in L1/L2. Each q tile still sees its
+# own kv tiles in its own order (full, then partial, as listed; or ascending along its
+# sequence), so its out and lse are bitwise those of a group of one.
+
+cdef enum:
+    FWD_GROUP_MAX = 4
+
+
+cdef struct KVCache:
+    # The K and V rows of the last two kv tiles an item used, packed row-major with
+    # padded widths (only for a tensor whose rows are not already so: strided, as the
+    # packed (tokens, heads, D) layout of varlen_attn, or of a width that is not a
+    # multiple of ATTN_PAD). Two slots: the q tiles of a group whose lists are shifted
+    # by one tile (a sliding window spanning two mask blocks) alternate between two.
+    int k0[2]                        # first key of the tile in each slot (-1: empty)
+    int have[2]                      # bit 1: K packed, bit 2: V packed
+    int last                         # slot used most recently
+    int pack_k, pack_v               # whether K / V rows are packed at all
+
+
+cdef inline int rows_need_pack(Tensor4 *t, int width, int width_p) noexcept nogil:
+    return not (t.s[3] == 1 and width == width_p and t.s[2] == width_p)
+
+
+cdef inline size_t fwd_state_elems(Problem *p) noexcept nogil:
+    # One q tile's state: Q^T (scaled), acc, m_i, l_i.
+    return <size_t>p.D * p.BMp + <size_t>p.BMp * p.Dvp + 2 * <size_t>p.BMp
+
 
 cdef size_t fwd_scratch_elems(Problem *p) noexcept nogil:
-    return (<size_t>p.D * p.BMp            # Qt
-            + <size_t>p.BN * p.BMp         # S^T
-            + <size_t>p.BN * p.Dp          # packed K rows
-            + <size_t>p.BN * p.Dvp         # packed V rows
-            + <size_t>p.BMp * p.Dvp        # acc
-            + 3 * <size_t>p.BMp            # m_i, l_i, alpha
-            + <size_t>p.BN * p.BMp)        # mask_mod tile (visible_keys)
+    return (<size_t>p.BN * p.BMp            # S^T
+            + <size_t>p.BN * p.BMp          # mask_mod tile (visible_keys)
+            + <size_t>p.BMp                 # alpha
+            + 2 * <size_t>p.BN * p.Dp       # K slots
+            + 2 * <size_t>p.BN * p.Dvp      # V slots
+            + <size_t>p.fwd_group * fwd_state_elems(p))
+
+
+cdef inline real *fwd_kslot(Problem *p, real *scratch, int s) noexcept nogil:
+    return scratch + 2 * <size_t>p.BN * p.BMp + p.BMp + <size_t>s * p.BN * p.Dp
+
+
+cdef inline real *fwd_vslot(Problem *p, real *scratch, int s) noexcept nogil:
+    return fwd_kslot(p, scratch, 2) + <size_t>s * p.BN * p.Dvp
+
+
+cdef inline real *fwd_state(Problem *p, real *scratch, int g) noexcept nogil:
+    return fwd_vslot(p, scratch, 2) + <size_t>g * fwd_state_elems(p)
+
+
+cdef inline void kv_cache_init(Problem *p, KVCache *c) noexcept nogil:
+    c.k0[0] = -1
+    c.k0[1] = -1
+    c.have[0] = 0
+    c.have[1] = 0
+    c.last = 0
+    c.pack_k = rows_need_pack(&p.k, p.D, p.Dp)
+    c.pack_v = rows_need_pack(&p.v, p.Dv, p.Dvp)
+
+
+cdef inline const real *fwd_kv(real *dummy, Problem *p, int is_v, long b, long hk, int k0,
+                               int nk, KVCache *c, real *scratch, long *ld) noexcept nogil:
+    """Rows k0..k0+nk-1 (a whole kv tile) of K (is_v = 0) or V: the tensor's own memory
+    when its rows are already row-major with padded width, else a packed copy made
+    once per item and tile (KVCache)."""
+    cdef Tensor4 *t = &p.v if is_v else &p.k
+    cdef int width = p.Dv if is_v else p.D
+    cdef int width_p = p.Dvp if is_v else p.Dp
+    cdef int bit = 2 if is_v else 1
+    cdef int s, r, col
+    cdef real *dst
+    cdef real *src
+    if not (c.pack_v if is_v else c.pack_k):
+        ld[0] = t.s[2]
+        return row_ptr(dummy, t, b, hk, k0)
+    if c.k0[0] == k0:
+        s = 0
+    elif c.k0[1] == k0:
+        s = 1
+    else:
+        s = 1 - c.last
+        c.k0[s] = k0
+        c.have[s] = 0
+    c.last = s
+    dst = fwd_vslot(p, scratch, s) if is_v else fwd_kslot(p, scratch, s)
+    ld[0] = width_p
+    if not (c.have[s] & bit):
+        src = row_ptr(dummy, t, b, hk, k0)
+        for r in range(nk):
+            if t.s[3] == 1:
+                memcpy(dst + <size_t>r * width_p, src + r * t.s[2],
+                       <size_t>width * sizeof(real))
+            else:
+                for col in range(width):
+                    dst[<size_t>r * width_p + col] = src[r * t.s[2] + col * t.s[3]]
+            for col in range(width, width_p):
+                dst[<size_t>r * width_p + col] = 0
+        c.have[s] |= bit
+    return dst
 
 
 cdef inline void fwd_begin(real *dummy, Problem *p, long b, long h, int q0, int mq,
-                           real *scratch) noexcept nogil:
+                           real *state) noexcept nogil:
     cdef int BMp = p.BMp
-    cdef real *Qt = scratch
-    cdef real *acc = Qt + <size_t>p.D * BMp + <size_t>p.BN * (BMp + p.Dp + p.Dvp)
+    cdef real *Qt = state
+    cdef real *acc = Qt + <size_t>p.D * BMp
     cdef real *m_i = acc + <size_t>BMp * p.Dvp
     cdef real *l_i = m_i + BMp
     cdef int c
@@ -528,43 +633,46 @@ cdef inline void fwd_begin(real *dummy, Problem *p, long b, long h, int q0, int 
 
 
 cdef inline void fwd_step(real *dummy, Problem *p, long b, long h, long hk, int q0, int mq,
-                          int k0, int nk, int mode, long long diag,
-                          real *scratch) noexcept nogil:
-    """One kv tile of the online softmax: scores, new maxima and sums, acc rescaled
-    and P V added."""
+                          int k0, int nk, int mode, long long diag, real *state,
+                          real *scratch, KVCache *c) noexcept nogil:
+    """One kv tile (k0, nk) of one q tile's online softmax: scores of the keys some
+    query of the tile sees (visible_keys; the dQ pass's scores_t keeps the same rows),
+    new maxima and sums, acc rescaled and P V added."""
     cdef int BMp = p.BMp
-    cdef real *Qt = scratch
-    cdef real *St = Qt + <size_t>p.D * BMp
-    cdef real *Ks = St + <size_t>p.BN * BMp
-    cdef real *Vs = Ks + <size_t>p.BN * p.Dp
-    cdef real *acc = Vs + <size_t>p.BN * p.Dvp
+    cdef real *St = scratch
+    cdef real *Mt = St + <size_t>p.BN * BMp
+    cdef real *alpha = Mt + <size_t>p.BN * BMp
+    cdef real *Qt = state
+    cdef real *acc = Qt + <size_t>p.D * BMp
     cdef real *m_i = acc + <size_t>BMp * p.Dvp
     cdef real *l_i = m_i + BMp
-    cdef real *alpha = l_i + BMp
-    cdef real *Mt = alpha + BMp
     cdef long ldk, ldv
     cdef const real *Kr
     cdef const real *Vr
-    nk = scores_t(dummy, p, b, h, hk, q0, mq, &k0, nk, mode, diag, Qt, St, Ks, &Kr, &ldk,
-                  NULL, Mt)
-    if nk == 0:
+    cdef int lo, hi, n
+    cdef int pre = visible_keys(dummy, p, b, h, q0, mq, k0, nk, mode, diag, Mt, &lo, &hi)
+    if hi <= lo:
         # Every score of the tile is hidden: P = 0, alpha = 1 (or 0 on a column that
         # has seen nothing, whose acc and l are 0): the state stays as it is.
         return
+    n = hi - lo
+    Kr = fwd_kv(dummy, p, 0, b, hk, k0, nk, c, scratch, &ldk)
+    scores_rows(dummy, p, b, h, q0, mq, k0 + lo, n, mode, diag, Qt, St, Kr + lo * ldk,
+                ldk, NULL, Mt + <size_t>lo * BMp if pre else NULL)
     if real is float:
-        softmax_cols_f32(nk, BMp, St, BMp, m_i, l_i, alpha)
+        softmax_cols_f32(n, BMp, St, BMp, m_i, l_i, alpha)
     else:
-        softmax_cols_f64(nk, BMp, St, BMp, m_i, l_i, alpha)
-    Vr = rows_or_pack(dummy, &p.v, b, hk, k0, nk, p.Dv, p.Dvp, Vs, &ldv)
+        softmax_cols_f64(n, BMp, St, BMp, m_i, l_i, alpha)
+    Vr = fwd_kv(dummy, p, 1, b, hk, k0, nk, c, scratch, &ldv)
     # acc (queries x Dv) = alpha * acc + P V, P read as the transpose of the S^T tile;
     # the rescale by alpha happens as the product loads acc.
-    gemm_rs(mq, p.Dvp, nk, St, 1, BMp, Vr, ldv, acc, p.Dvp, alpha)
+    gemm_rs(mq, p.Dvp, n, St, 1, BMp, Vr + lo * ldv, ldv, acc, p.Dvp, alpha)
 
 
 cdef inline void fwd_end(real *dummy, Problem *p, long b, long h, int q0, int mq,
-                         real *scratch) noexcept nogil:
+                         real *state) noexcept nogil:
     cdef int BMp = p.BMp
-    cdef real *acc = scratch + <size_t>p.D * BMp + <size_t>p.BN * (BMp + p.Dp + p.Dvp)
+    cdef real *acc = state + <size_t>p.D * BMp
     cdef real *m_i = acc + <size_t>BMp * p.Dvp
     cdef real *l_i = m_i + BMp
     cdef real *lse = <real *>p.lse
@@ -589,48 +697,100 @@ cdef inline void fwd_end(real *dummy, Problem *p, long b, long h, int q0, int mq
 
 
 cdef void fwd_item(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
-    """One (batch, head, q block) of a block-list problem: out and lse for BLOCK_M
-    queries."""
-    cdef long i = item % p.nqb
-    cdef long h = (item // p.nqb) % p.Hq
-    cdef long b = item // (<long>p.nqb * p.Hq)
+    """q tiles i0..i0+ng-1 (a group) of one (batch, head) of a block-list problem: out
+    and lse for their queries. The group walks its tiles' lists in lockstep: step t
+    runs the t-th listed block of each tile (full blocks first, then partial ones: a
+    fixed order per tile keeps results bitwise reproducible whatever the thread count
+    and group size). q tiles of one mask block have the same lists, so each block is
+    met by the whole group at one step."""
+    cdef int G = p.fwd_group
+    cdef long ngr = (p.nqb + G - 1) // G
+    # Within a (batch, head) the last q tiles are handed out first: under a causal
+    # mask they see the most keys, and the cheap first ones even out the threads' ends.
+    cdef long r = ngr - 1 - item % ngr
+    cdef long h = (item // ngr) % p.Hq
+    cdef long b = item // (ngr * p.Hq)
     cdef long hk = h // p.group
-    cdef int q0 = i * p.BM
-    cdef int mq = min(p.BM, p.Lq - q0)
-    cdef int t, n, which, j, k0
-    cdef Blocks *bl
-    fwd_begin(dummy, p, b, h, q0, mq, scratch)
-    # Full blocks first, then partial ones: a fixed order keeps results bitwise
-    # reproducible whatever the thread count.
-    for which in range(2):
-        bl = &p.kv_full if which == 0 else &p.kv_part
-        n = blocks_count(bl, b, h, i)
-        for t in range(n):
-            j = blocks_at(bl, b, h, i, t)
+    cdef int i0 = <int>(r * G)
+    cdef int ng = min(G, p.nqb - i0)
+    cdef int nf[4]
+    cdef int nall[4]
+    cdef int g, t, i, j, k0, q0, mode
+    cdef int tmax = 0
+    cdef KVCache c
+    kv_cache_init(p, &c)
+    for g in range(ng):
+        i = i0 + g
+        q0 = i * p.BM
+        fwd_begin(dummy, p, b, h, q0, min(p.BM, p.Lq - q0), fwd_state(p, scratch, g))
+        nf[g] = blocks_count(&p.kv_full, b, h, i)
+        nall[g] = nf[g] + blocks_count(&p.kv_part, b, h, i)
+        tmax = max(tmax, nall[g])
+    for t in range(tmax):
+        for g in range(ng):
+            if t >= nall[g]:
+                continue
+            i = i0 + g
+            if t < nf[g]:
+                j = blocks_at(&p.kv_full, b, h, i, t)
+                mode = PAIR_FULL
+            else:
+                j = blocks_at(&p.kv_part, b, h, i, t - nf[g])
+                mode = PAIR_PARTIAL
             k0 = j * p.BN
-            fwd_step(dummy, p, b, h, hk, q0, mq, k0, min(p.BN, p.Lk - k0),
-                     PAIR_PARTIAL if which == 1 else PAIR_FULL, 0, scratch)
-    fwd_end(dummy, p, b, h, q0, mq, scratch)
+            q0 = i * p.BM
+            fwd_step(dummy, p, b, h, hk, q0, min(p.BM, p.Lq - q0), k0,
+                     min(p.BN, p.Lk - k0), mode, 0, fwd_state(p, scratch, g), scratch, &c)
+    for g in range(ng):
+        q0 = (i0 + g) * p.BM
+        fwd_end(dummy, p, b, h, q0, min(p.BM, p.Lq - q0), fwd_state(p, scratch, g))
 
 
 cdef void fwd_item_jagged(real *dummy, Problem *p, long item, real *scratch) noexcept nogil:
-    """One (batch, head, sequence, q tile) of a jagged problem; the items of one (batch,
-    head) run in the order of the launcher's list (by sequence, costliest first)."""
+    """One (batch, head, sequence, group of q tiles) of a jagged problem: the forward's
+    item list is built at fwd_group * BLOCK_M queries per entry, each split here into
+    BLOCK_M tiles starting at the sequence's first query (the same tiles as a group of
+    one). The group walks its sequence's kv tiles in ascending order, each q tile taking
+    those of its own range. The items of one (batch, head) run in the order of the
+    launcher's list (by sequence, costliest first)."""
     cdef long bh = item // p.jg.n_items
     cdef long it = item % p.jg.n_items
     cdef long b = bh // p.Hq
     cdef long h = bh % p.Hq
     cdef long hk = h // p.group
     cdef int s = p.jg.items[2 * it]
-    cdef int q0, mq, k0, nk, u, u0, u1
-    jg_q_tile(p, s, p.jg.items[2 * it + 1], &q0, &mq)
-    fwd_begin(dummy, p, b, h, q0, mq, scratch)
-    if jg_kv_range(p, s, q0, mq, &u0, &u1):
-        for u in range(u0, u1):
-            jg_kv_tile(p, s, u, &k0, &nk)
-            fwd_step(dummy, p, b, h, hk, q0, mq, k0, nk, jg_pair_mode(p, s, q0, mq, k0, nk),
-                     p.jg.diag[s], scratch)
-    fwd_end(dummy, p, b, h, q0, mq, scratch)
+    cdef int T = p.jg.items[2 * it + 1]
+    cdef int q0s[4]
+    cdef int mqs[4]
+    cdef int u0s[4]
+    cdef int u1s[4]
+    cdef int g, ng, u, k0, nk
+    cdef int umin = 0x7fffffff
+    cdef int umax = 0
+    cdef KVCache c
+    kv_cache_init(p, &c)
+    ng = 0
+    for g in range(p.fwd_group):
+        jg_q_tile(p, s, T * p.fwd_group + g, &q0s[g], &mqs[g])
+        if mqs[g] <= 0:
+            break
+        fwd_begin(dummy, p, b, h, q0s[g], mqs[g], fwd_state(p, scratch, g))
+        if not jg_kv_range(p, s, q0s[g], mqs[g], &u0s[g], &u1s[g]):
+            u0s[g] = 0
+            u1s[g] = 0
+        elif u0s[g] < u1s[g]:
+            umin = min(umin, u0s[g])
+            umax = max(umax, u1s[g])
+        ng += 1
+    for u in range(umin, umax):
+        jg_kv_tile(p, s, u, &k0, &nk)
+        for g in range(ng):
+            if u0s[g] <= u < u1s[g]:
+                fwd_step(dummy, p, b, h, hk, q0s[g], mqs[g], k0, nk,
+                         jg_pair_mode(p, s, q0s[g], mqs[g], k0, nk), p.jg.diag[s],
+                         fwd_state(p, scratch, g), scratch, &c)
+    for g in range(ng):
+        fwd_end(dummy, p, b, h, q0s[g], mqs[g], fwd_state(p, scratch, g))
 
 
 cdef inline size_t round64(size_t n_elems, size_t itemsize) noexcept nogil:
@@ -648,7 +808,7 @@ cdef void fwd_run(real *dummy, Problem *p, int nthreads, real *scratch) noexcept
         for item in prange(n_items, schedule='dynamic', num_threads=nthreads):
             fwd_item_jagged(dummy, p, item, scratch + threadid() * stride)
     else:
-        n_items = <long>p.B * p.Hq * p.nqb
+        n_items = <long>p.B * p.Hq * ((p.nqb + p.fwd_group - 1) // p.fwd_group)
         for item in prange(n_items, schedule='dynamic', num_threads=nthreads):
             fwd_item(dummy, p, item, scratch + threadid() * stride)
 
@@ -1089,6 +1249,7 @@ cdef void set_problem(Problem *p, dict a) except *:
     p.mod_score_grad = <void *><size_t>mods[3]
     p.score_bufs = <void **><size_t>mods[4]
     p.mx = <char *><size_t>a.get("max_scores", 0)
+    p.fwd_group = min(max(<int>a.get("fwd_group", 1), 1), FWD_GROUP_MAX)
     # jagged: (nseq, (q0, q1, k0, k1, diag) int64 pointers, left, right,
     # (items ptr, n), (kv_items ptr, n), (seq_items ptr, n)); absent = block lists.
     jg = a.get("jagged")
