@@ -16,6 +16,16 @@ from attn import gpu, mods  # noqa: E402
 from attn.gpu import _cuda  # noqa: E402
 
 
+def _attr(kern, name):
+    # Numba exposes these as attributes or get_ methods depending on the version.
+    v = getattr(kern, name, None)
+    if callable(v):
+        v = v()
+    if v is None and callable(getattr(kern, "get_" + name, None)):
+        v = getattr(kern, "get_" + name)()
+    return v
+
+
 def main():
     dev = "cuda"
     rows = []
@@ -42,8 +52,8 @@ def main():
                 rows.append({
                     "call": name, "D": D,
                     "kernel": getattr(getattr(kern, "py_func", None), "__qualname__", "?"),
-                    "registers": kern.get_regs_per_thread() if hasattr(kern, "get_regs_per_thread") else None,
-                    "local_bytes": kern.get_local_mem_per_thread() if hasattr(kern, "get_local_mem_per_thread") else None,
+                    "registers": _attr(kern, "regs_per_thread"),
+                    "local_bytes": _attr(kern, "local_mem_per_thread"),
                     "dynamic_shared_bytes": p.shmem,
                 })
     for r in rows:
