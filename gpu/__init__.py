@@ -397,17 +397,28 @@ def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=())
     if tiling is not None:
         r.append("an explicit SIMT tiling was asked for")
     if block_size is not None:
-        BM, BN = mod.tile(D, Dv)
+        BM, BN = mod.tile(D, Dv, _KIND[dtype]) if mod is _mma else mod.tile(D, Dv)
         if block_size[0] % BM or block_size[1] % BN:
             r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
                      f"tensor-core {label}'s {BM}x{BN} tiles")
     return r
 
 
+# float32 forwards on tensor cores with the 3xTF32 split (gpu/_mma.py, kind "f32"):
+# float32-accurate, so it does not depend on torch.backends.cuda.matmul.allow_tf32.
+# ATTN_GPU_TF32X3=0 keeps the SIMT forward for float32.
+TF32X3 = os.environ.get("ATTN_GPU_TF32X3", "1").strip() != "0"
+
+
 def mma_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
-    """Why a forward runs the SIMT kernel instead of the tensor-core one (gpu/_mma.py,
-    float16/bfloat16): empty when the tensor-core kernel serves it."""
-    return _tensor_core_reasons(_mma, "kernel", dtype, D, Dv, tiling, block_size)
+    """Why a forward runs the SIMT kernel instead of the tensor-core one (gpu/_mma.py:
+    float16/bfloat16, and float32 by 3xTF32): empty when the tensor-core kernel
+    serves it."""
+    extra = []
+    if dtype == torch.float32 and not TF32X3:
+        extra.append("ATTN_GPU_TF32X3=0 (attn.gpu.TF32X3 is off): float32 uses the "
+                     "SIMT forward")
+    return _tensor_core_reasons(_mma, "kernel", dtype, D, Dv, tiling, block_size, extra)
 
 
 @lru_cache(maxsize=1024)
@@ -416,12 +427,14 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
     """Everything about a forward launch that depends only on the shapes: the compiled
     kernel, grid, block, shared memory, the kv-block lists (on the device) and the
     kernel's (rows, cols) tile. Cached, so a repeated call costs one dictionary lookup
-    here. float16/bfloat16 take the tensor-core kernel where mma_reasons allows."""
+    here. The tensor-core kernel runs where mma_reasons allows (float16/bfloat16, and
+    float32 by 3xTF32 unless TF32X3 is off)."""
     if not mma_reasons(dtype, D, Dv, tiling, block_size):
-        rows, cols = _mma.tile(D, Dv)
-        kern = _mma.forward_kernel(_KIND[dtype], D, Dv, causal, masked, mods)
-        threads = _mma.threads(D, Dv)
-        shmem = _mma.shared_bytes(D, Dv, masked or mods is not None)
+        kind = _KIND[dtype]
+        rows, cols = _mma.tile(D, Dv, kind)
+        kern = _mma.forward_kernel(kind, D, Dv, causal, masked, mods)
+        threads = _mma.threads(D, Dv, kind)
+        shmem = _mma.shared_bytes(D, Dv, masked or mods is not None, kind)
     else:
         t = tiling or tilings(D, Dv)["fwd"]
         rows, cols = t.rows, t.cols

@@ -34,6 +34,25 @@ no key keeps m = -inf and gives out 0, lse -inf.
 Tiles are copied 16 bytes at a time (cp.async) when a slice's head dim is contiguous
 and its rows 16-byte aligned, which the kernel checks on the actual addresses; other
 layouts are staged by plain element loads through the strides (same kernel).
+
+float32 inputs (kind "f32", switch ``attn.gpu.TF32X3`` / ATTN_GPU_TF32X3) run the same
+kernel on ``mma.sync.m16n8k8`` tf32 with the 3xTF32 split (gpu/_ptx.py: each operand
+x = big + small, A*B ~= As*Bb + Ab*Bs + Ab*Bb in float32 accumulators), which keeps
+float32 accuracy; the differences from the 16-bit kinds:
+
+* tiles are float32 in shared memory, rows padded by 4 words (16 bytes: ldmatrix's 8
+  row addresses then start 4 banks apart); S's k-steps are 8 dims; Q's fragments are
+  read from shared memory and split each kv block (a split Q would take twice the
+  registers of a 16-bit one).
+* O += P V runs in k-steps of 8 keys whose order inside the step is permuted: A column
+  t stands for key 2t and column t+4 for key 2t+1, so S's accumulators (c0, c1 = keys
+  2t, 2t+1) are the A fragment as they are (a0 = c0, a1 = c2, a2 = c1, a3 = c3), and
+  V's B rows are read at the same permutation. ldmatrix.trans cannot transpose 32-bit
+  elements; instead the head-dim (n) index is permuted too: n-tile q (0..3) of a
+  32-dim group J holds dims 32J + 4n + q, so one 16-byte ld.shared.v4 of V row
+  (key, 32J + 4g .. 4g+3) is the b0 (or b1) of four n-tiles. With rows of Dv + 4 words
+  the 8 lanes of a quarter warp (g = 0, 1; t = 0..3) hit 8 distinct 16-byte bank
+  groups. The output columns follow the same map (epilogue).
 """
 from __future__ import annotations
 
@@ -111,28 +130,54 @@ def head_dim_reasons(kind: str, D: int, Dv: int, simt: str, kept: str) -> list[s
 Config = namedtuple("Config", "NW MT BN QREG")
 _TILES = Tiles(Config, {64: Config(4, 2, 64, True), 128: Config(4, 1, 64, True)},
                Config(2, 1, 16, True), "ATTN_GPU_MMA_CONFIG")
-config = _TILES.config
-threads = _TILES.threads
+# float32 (3xTF32): float32 tiles take twice the shared memory of 16-bit ones. D <= 64:
+# two m16 tiles per warp with 32-key blocks (each K/V fragment and its split serve two
+# tiles; 186 registers, 68 KiB: two CTAs per SM; +10-20% over one tile x 64 keys on the
+# H200; two tiles x 64 keys need 255 registers and spill). D = 128: one tile, 32-key
+# blocks (Q 33 KiB + 2 x (K + V) 66 KiB: two CTAs per SM; with 64-key blocks NVVM
+# leaves the P.V loop rolled and S goes to local memory). Q always comes from shared
+# memory (QREG must be 0). bench/NOTES.md (G10) has the measurements. Tuning knob:
+# ATTN_GPU_TF32_CONFIG, same format.
+_TF32_TILES = Tiles(Config, {64: Config(4, 2, 32, False), 128: Config(4, 1, 32, False)},
+                    Config(2, 1, 16, False), "ATTN_GPU_TF32_CONFIG")
 MAX_D = 128
 
 
-def tile(D: int, Dv: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the kernel for head dims D, Dv."""
-    c = config(D, Dv)
+def config(D: int, Dv: int, kind: str = "bf16"):
+    return (_TF32_TILES if kind == "f32" else _TILES).config(D, Dv)
+
+
+def threads(D: int, Dv: int, kind: str = "bf16") -> int:
+    return 32 * config(D, Dv, kind).NW
+
+
+def tile(D: int, Dv: int, kind: str = "bf16") -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the kernel for head dims D, Dv (and element kind)."""
+    c = config(D, Dv, kind)
     return 16 * c.NW * c.MT, c.BN
 
 
 def reasons(kind: str, D: int, Dv: int) -> list[str]:
     """Why the tensor-core forward cannot run these head dims / dtype (empty if it can);
     the launcher then uses the SIMT forward."""
+    if kind == "f32":
+        r = []
+        if D % 8 or Dv % 32:
+            r.append(f"head dims {D}/{Dv}: the 3xTF32 forward needs D a multiple of 8 "
+                     "(the tf32 k-step) and Dv a multiple of 32 (its V fragment groups)")
+        if max(D, Dv) > MAX_D:
+            r.append(f"head dims above {MAX_D} would not keep O in registers")
+        return r
     return head_dim_reasons(kind, D, Dv, "kernels", "Q and O")
 
 
-def shared_bytes(D: int, Dv: int, mods: bool = False) -> int:
+def shared_bytes(D: int, Dv: int, mods: bool = False, kind: str = "bf16") -> int:
     """Dynamic shared memory of a CTA: Q, two K and two V buffers (bf16/f16 elements,
-    rows padded by 8), plus a float32 copy of S for calls with mods or attn_mask."""
-    BM, BN = tile(D, Dv)
-    n = 2 * (BM * (D + 8) + 2 * BN * (D + 8) + 2 * BN * (Dv + 8))
+    rows padded by 8; float32 rows padded by 4), plus a float32 copy of S for calls
+    with mods or attn_mask."""
+    BM, BN = tile(D, Dv, kind)
+    size, pad = (4, 4) if kind == "f32" else (2, 8)
+    n = size * (BM * (D + pad) + 2 * BN * (D + pad) + 2 * BN * (Dv + pad))
     return n + (4 * BM * BN if mods else 0)
 
 
@@ -146,9 +191,11 @@ def _fmax(a, b):
 def _loader(ROWS: int, W: int, LD: int, NTH: int, kind: str, cp16):
     """Copy rows r0..r0+ROWS (W elements each) of one (batch, head) slice into the
     shared tile at ``off`` (leading dimension LD); rows at or past L become zeros.
-    ``vec`` (decided per CTA, see ``vec_ok``): 16-byte cp.async per 8 elements; else
+    ``vec`` (decided per CTA, see ``vec_ok``): 16-byte cp.async per 8 elements (4
+    for float32); else
     element loads through the strides (synchronous)."""
-    W8 = W // 8
+    VEC = 4 if kind == "f32" else 8  # elements per 16-byte copy
+    W8 = W // VEC
     NCH = ROWS * W8
     CH = -(-NCH // NTH)
     NE = ROWS * W
@@ -166,8 +213,8 @@ def _loader(ROWS: int, W: int, LD: int, NTH: int, kind: str, cp16):
                     ok = rr < L
                     g = base
                     if ok:
-                        g = base + rr * s_l + cc * 8
-                    cp16(sm, off + r * LD + cc * 8, a, g, ok)
+                        g = base + rr * s_l + cc * VEC
+                    cp16(sm, off + r * LD + cc * VEC, a, g, ok)
         else:
             for i in range(CHE):
                 e = tid + i * NTH
@@ -189,7 +236,8 @@ def vec_ok(a, base, s_l, s_d):
     """Rows of a (batch, head) slice can be copied 16 bytes at a time: contiguous head
     dim, 16-byte aligned first row and row stride. Checked in the kernel (per CTA, on
     the actual addresses) so that any view, however offset, is served correctly
-    whatever plan or bound launch the host reuses."""
+    whatever plan or bound launch the host reuses. (For float32 a row stride that is
+    a multiple of 4 would do; asking for 8 only sends more views to element loads.)"""
     return s_d == 1 and (s_l & 7) == 0 and (gaddr(a, base) & 15) == 0
 
 
@@ -204,22 +252,29 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     frag_a, frag_b2, frag_bt2, mma = o_.frag_a, o_.frag_b2, o_.frag_bt2, o_.mma
     quad_max, quad_sum, pack, exp2 = o_.quad_max, o_.quad_sum, o_.pack, o_.exp2
     commit, wait_all, wait_one = o_.commit, o_.wait_all, o_.wait_one
+    split, lds4, mma3 = o_.split, o_.lds4, o_.mma3
     st = _storer(kind)
     from numba.core import types
 
-    ELT = types.float16 if kind == "f16" else types.int16
+    TF32 = kind == "f32"  # 3xTF32 products (module docstring)
+    ELT = float32 if TF32 else types.float16 if kind == "f16" else types.int16
 
-    NW, MT, BN, QREG = config(D, Dv)
+    NW, MT, BN, QREG = config(D, Dv, kind)
+    if TF32 and QREG:
+        raise ValueError("the 3xTF32 forward reads Q from shared memory (QREG = 0)")
     BM = 16 * NW * MT
     NTH = 32 * NW
-    LDQ, LDV = D + 8, Dv + 8
-    KD = D // 16       # k-steps of S = Q K^T
+    KSTEP = 8 if TF32 else 16  # the mma's k
+    PAD = 4 if TF32 else 8     # 16 bytes of padding per shared row
+    LDQ, LDV = D + PAD, Dv + PAD
+    KD = D // KSTEP    # k-steps of S = Q K^T
     NTS = BN // 8      # m16n8 tiles of S per warp
-    KV = BN // 16      # k-steps of O += P V
+    KV = BN // KSTEP   # k-steps of O += P V
     NTO = Dv // 8      # m16n8 tiles of O per warp
+    NVG = Dv // 32     # 3xTF32: 32-dim groups of V (four n-tiles each)
     NS, NO = 4 * NTS, 4 * NTO  # S and O registers per lane and m16 tile
     MNS, MNO, MR = MT * NS, MT * NO, 2 * MT  # ... over the warp's m16 tiles; row slots
-    NPA = 4 * MT  # P fragment registers
+    NPA = 4 * MT  # P fragment registers (3xTF32: big and small, NPA each)
     NQF = MT * 4 * KD if QREG else MT * 4  # Q fragment registers
     OQ = 0
     OK0 = BM * LDQ
@@ -231,7 +286,8 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     # full/partial split): only score_mod, or a partial block's masks, take the
     # shared-memory path, the rest the register path of dense calls.
     MASKS = MASK or MASKMOD
-    OMF = (OV0 + 2 * VSZ) // 2  # float32 offset of the mods' S scratch
+    # float32 offset of the mods' S scratch (16-bit tiles: two elements per word)
+    OMF = OV0 + 2 * VSZ if TF32 else (OV0 + 2 * VSZ) // 2
     load_q = _loader(BM, D, LDQ, NTH, kind, o_.cp16)
     load_k = _loader(BN, D, LDQ, NTH, kind, o_.cp16)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
@@ -262,6 +318,10 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
         smf = cuda.shared.array(0, float32)  # the same dynamic shared memory
         qf = cuda.local.array(NQF, int32)
         pa = cuda.local.array(NPA, int32)
+        # 3xTF32: the split Q and P fragments (tf32 big / small registers)
+        qfb = cuda.local.array(NPA, int32)
+        qfs = cuda.local.array(NPA, int32)
+        ps = cuda.local.array(NPA, int32)
         s = cuda.local.array(MNS, float32)
         acc = cuda.local.array(MNO, float32)
         # Per row slot r = 2*mt + half (rows 16*(MT*w + mt) + g + 8*half of the block):
@@ -329,22 +389,51 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             # S = Q K^T: each K fragment pair serves the warp's MT m16 tiles.
             for j in range(MNS):
                 s[j] = ZERO
-            for kk in range(KD):
-                if not QREG:
+            if TF32:
+                for kk in range(KD):
+                    # 3xTF32: Q's fragments split once per k-step, K's once per pair of
+                    # n-tiles; each product is three mma (mma3).
                     for mt in range(MT):
-                        qf[4 * mt], qf[4 * mt + 1], qf[4 * mt + 2], qf[4 * mt + 3] = \
-                            frag_a(sm, OQW + 16 * mt * LDQ + 16 * kk, LDQ)
-                for jp in range(NTS // 2):
-                    b0, b1, b2, b3 = frag_b2(sm, okb + 16 * jp * LDQ + 16 * kk, LDQ)
-                    for mt in range(MT):
-                        f = 4 * (mt * KD + kk) if QREG else 4 * mt
-                        i = mt * NS + 8 * jp
-                        s[i], s[i + 1], s[i + 2], s[i + 3] = mma(
-                            scr, qf[f], qf[f + 1], qf[f + 2], qf[f + 3],
-                            b0, b1, s[i], s[i + 1], s[i + 2], s[i + 3])
-                        s[i + 4], s[i + 5], s[i + 6], s[i + 7] = mma(
-                            scr, qf[f], qf[f + 1], qf[f + 2], qf[f + 3],
-                            b2, b3, s[i + 4], s[i + 5], s[i + 6], s[i + 7])
+                        f = 4 * mt
+                        a0, a1, a2, a3 = frag_a(sm, OQW + 16 * mt * LDQ + 8 * kk, LDQ)
+                        qfb[f], qfs[f] = split(a0)
+                        qfb[f + 1], qfs[f + 1] = split(a1)
+                        qfb[f + 2], qfs[f + 2] = split(a2)
+                        qfb[f + 3], qfs[f + 3] = split(a3)
+                    for jp in range(NTS // 2):
+                        k0, k1, k2, k3 = frag_b2(sm, okb + 16 * jp * LDQ + 8 * kk, LDQ)
+                        kb0, ks0 = split(k0)
+                        kb1, ks1 = split(k1)
+                        kb2, ks2 = split(k2)
+                        kb3, ks3 = split(k3)
+                        for mt in range(MT):
+                            f = 4 * mt
+                            i = mt * NS + 8 * jp
+                            s[i], s[i + 1], s[i + 2], s[i + 3] = mma3(
+                                scr, qfb[f], qfb[f + 1], qfb[f + 2], qfb[f + 3],
+                                qfs[f], qfs[f + 1], qfs[f + 2], qfs[f + 3], kb0, kb1, ks0, ks1,
+                                s[i], s[i + 1], s[i + 2], s[i + 3])
+                            s[i + 4], s[i + 5], s[i + 6], s[i + 7] = mma3(
+                                scr, qfb[f], qfb[f + 1], qfb[f + 2], qfb[f + 3],
+                                qfs[f], qfs[f + 1], qfs[f + 2], qfs[f + 3], kb2, kb3, ks2, ks3,
+                                s[i + 4], s[i + 5], s[i + 6], s[i + 7])
+            else:
+                for kk in range(KD):
+                    if not QREG:
+                        for mt in range(MT):
+                            qf[4 * mt], qf[4 * mt + 1], qf[4 * mt + 2], qf[4 * mt + 3] = \
+                                frag_a(sm, OQW + 16 * mt * LDQ + 16 * kk, LDQ)
+                    for jp in range(NTS // 2):
+                        b0, b1, b2, b3 = frag_b2(sm, okb + 16 * jp * LDQ + 16 * kk, LDQ)
+                        for mt in range(MT):
+                            f = 4 * (mt * KD + kk) if QREG else 4 * mt
+                            i = mt * NS + 8 * jp
+                            s[i], s[i + 1], s[i + 2], s[i + 3] = mma(
+                                scr, qf[f], qf[f + 1], qf[f + 2], qf[f + 3],
+                                b0, b1, s[i], s[i + 1], s[i + 2], s[i + 3])
+                            s[i + 4], s[i + 5], s[i + 6], s[i + 7] = mma(
+                                scr, qf[f], qf[f + 1], qf[f + 2], qf[f + 3],
+                                b2, b3, s[i + 4], s[i + 5], s[i + 6], s[i + 7])
 
             # Scores to the log2 domain, with the exclusions of this block. Element idx
             # of the lane's S registers belongs to row slot 2*(idx // NS) +
@@ -416,24 +505,68 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             for idx in range(MNO):
                 acc[idx] *= y_r[2 * (idx // NO) + ((idx >> 1) & 1)]
 
-            # O += P V: P's accumulators, rounded, are the A fragments; each V fragment
-            # pair serves the MT m16 tiles.
-            for kk in range(KV):
-                for mt in range(MT):
-                    i = mt * NS + 8 * kk
-                    for e in range(4):
-                        pa[4 * mt + e] = pack(s[i + 2 * e], s[i + 2 * e + 1])
-                for jp in range(NTO // 2):
-                    b0, b1, b2, b3 = frag_bt2(sm, ovb + 16 * kk * LDV + 16 * jp, LDV)
+            if TF32:
+                # 3xTF32 O += P V over 8-key steps (keys and dims permuted, see the module
+                # docstring): a0..a3 = c0, c2, c1, c3 of S's n-tile kk, split; V rows
+                # 2t and 2t+1 of the step by 16-byte loads, four n-tiles per load pair.
+                for kk in range(KV):
                     for mt in range(MT):
-                        a = 4 * mt
-                        c = mt * NO + 8 * jp
-                        acc[c], acc[c + 1], acc[c + 2], acc[c + 3] = mma(
-                            scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b0, b1,
-                            acc[c], acc[c + 1], acc[c + 2], acc[c + 3])
-                        acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7] = mma(
-                            scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
-                            acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7])
+                        f = 4 * mt
+                        i = mt * NS + 4 * kk
+                        pa[f], ps[f] = split(s[i])
+                        pa[f + 1], ps[f + 1] = split(s[i + 2])
+                        pa[f + 2], ps[f + 2] = split(s[i + 1])
+                        pa[f + 3], ps[f + 3] = split(s[i + 3])
+                    vr = ovb + (8 * kk + 2 * t) * LDV + 4 * g
+                    for J in range(NVG):
+                        v0, v1, v2, v3 = lds4(sm, vr + 32 * J)
+                        w0, w1, w2, w3 = lds4(sm, vr + LDV + 32 * J)
+                        vb0, vs0 = split(v0)
+                        vb1, vs1 = split(v1)
+                        vb2, vs2 = split(v2)
+                        vb3, vs3 = split(v3)
+                        wb0, ws0 = split(w0)
+                        wb1, ws1 = split(w1)
+                        wb2, ws2 = split(w2)
+                        wb3, ws3 = split(w3)
+                        for mt in range(MT):
+                            f = 4 * mt
+                            c = mt * NO + 16 * J
+                            acc[c], acc[c + 1], acc[c + 2], acc[c + 3] = mma3(
+                                scr, pa[f], pa[f + 1], pa[f + 2], pa[f + 3],
+                                ps[f], ps[f + 1], ps[f + 2], ps[f + 3], vb0, wb0, vs0, ws0,
+                                acc[c], acc[c + 1], acc[c + 2], acc[c + 3])
+                            acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7] = mma3(
+                                scr, pa[f], pa[f + 1], pa[f + 2], pa[f + 3],
+                                ps[f], ps[f + 1], ps[f + 2], ps[f + 3], vb1, wb1, vs1, ws1,
+                                acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7])
+                            acc[c + 8], acc[c + 9], acc[c + 10], acc[c + 11] = mma3(
+                                scr, pa[f], pa[f + 1], pa[f + 2], pa[f + 3],
+                                ps[f], ps[f + 1], ps[f + 2], ps[f + 3], vb2, wb2, vs2, ws2,
+                                acc[c + 8], acc[c + 9], acc[c + 10], acc[c + 11])
+                            acc[c + 12], acc[c + 13], acc[c + 14], acc[c + 15] = mma3(
+                                scr, pa[f], pa[f + 1], pa[f + 2], pa[f + 3],
+                                ps[f], ps[f + 1], ps[f + 2], ps[f + 3], vb3, wb3, vs3, ws3,
+                                acc[c + 12], acc[c + 13], acc[c + 14], acc[c + 15])
+            else:
+                # O += P V: P's accumulators, rounded, are the A fragments; each V fragment
+                # pair serves the MT m16 tiles.
+                for kk in range(KV):
+                    for mt in range(MT):
+                        i = mt * NS + 8 * kk
+                        for e in range(4):
+                            pa[4 * mt + e] = pack(s[i + 2 * e], s[i + 2 * e + 1])
+                    for jp in range(NTO // 2):
+                        b0, b1, b2, b3 = frag_bt2(sm, ovb + 16 * kk * LDV + 16 * jp, LDV)
+                        for mt in range(MT):
+                            a = 4 * mt
+                            c = mt * NO + 8 * jp
+                            acc[c], acc[c + 1], acc[c + 2], acc[c + 3] = mma(
+                                scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b0, b1,
+                                acc[c], acc[c + 1], acc[c + 2], acc[c + 3])
+                            acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7] = mma(
+                                scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
+                                acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7])
             # Barrier: every warp is done with this buffer before the next iteration's
             # prefetch overwrites it.
             cuda.syncthreads()
@@ -451,7 +584,13 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                 c = (r >> 1) * NO + 2 * (r & 1)
                 for j in range(NTO):
                     for e in range(2):
-                        st(o, obase + (8 * j + 2 * t + e) * os_d, acc[c + 4 * j + e] * inv)
+                        # register (n-tile j, column 2t+e) -> head dim; 3xTF32: n-tile
+                        # q = j % 4 of group j // 4 holds dims 32(j // 4) + 4n + q.
+                        if TF32:
+                            col = 32 * (j >> 2) + 8 * t + 4 * e + (j & 3)
+                        else:
+                            col = 8 * j + 2 * t + e
+                        st(o, obase + col * os_d, acc[c + 4 * j + e] * inv)
                 if t == 0:
                     lv = NEG_INF
                     if lsum > ZERO:

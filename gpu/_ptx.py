@@ -31,6 +31,18 @@ A: a0 = A[g, 2t:2t+2], a1 = A[g+8, 2t:2t+2], a2 = A[g, 2t+8:2t+10], a3 = A[g+8, 
 B (k x n): b0 = B[2t:2t+2, g], b1 = B[2t+8:2t+10, g]; C/D: c0, c1 = C[g, 2t:2t+2],
 c2, c3 = C[g+8, 2t:2t+2]. Two element values share one 32-bit register, the lower
 column (or k) in the low half.
+
+float32 inputs (``ops("f32")``, the 3xTF32 forward of gpu/_mma.py) use
+``mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32``: A (16x8) a0 = A[g, t],
+a1 = A[g+8, t], a2 = A[g, t+4], a3 = A[g+8, t+4]; B (8x8) b0 = B[t, g], b1 = B[t+4, g];
+C as above, one float32 element per register. ``split`` turns x into the tf32 pair
+big = cvt.rna.tf32(x), small = x - big (exact in float32; the tensor core reads only
+its leading 10 mantissa bits), and ``mma3`` adds Asmall*Bbig + Abig*Bsmall + Abig*Bbig:
+the dropped Asmall*Bsmall and the truncation of small are ~2^-22 relative, the level of
+float32 rounding, so the products keep float32 accuracy at three tensor-core
+instructions each. ldmatrix (b16) moves 32-bit elements intact for the non-transposed
+operands (each lane gets 32-bit word l%4 of row l/4); ``lds4`` (ld.shared.v4.f32) reads
+the V rows that ldmatrix.trans cannot transpose at 32 bits.
 """
 from __future__ import annotations
 
@@ -94,8 +106,100 @@ if SIM:
         # any 16-byte aligned tensor.
         return int(idx) * a.dtype.itemsize
 
+    def _bits(x):
+        return int(np.array([x], dtype=np.float32).view(np.int32)[0])
+
+    def _from_bits(b):
+        return np.array([int(b) & 0xFFFFFFFF], dtype=np.uint32).view(np.float32)[0]
+
+    def _tf32(b):
+        # What the tensor core reads of a tf32 operand register: sign, exponent and
+        # the leading 10 mantissa bits (the low 13 bits are ignored).
+        return float(_from_bits(int(b) & ~0x1FFF))
+
+    def _tf32_ops():
+        @cuda.jit(device=True)
+        def frag_a(sm, off, LD):
+            # A 16x8 float32 tile at off (row-major): a0..a3 = A[g, t], A[g+8, t],
+            # A[g, t+4], A[g+8, t+4].
+            lane = cuda.threadIdx.x & 31
+            g, t = lane >> 2, lane & 3
+            r0 = off + g * LD + t
+            r1 = r0 + 8 * LD
+            return sm[r0], sm[r1], sm[r0 + 4], sm[r1 + 4]
+
+        @cuda.jit(device=True)
+        def frag_b2(sm, off, LD):
+            # B[k, n] = T[n, k], T row-major at off (n: 16 rows, k: 8 columns): the
+            # (b0, b1) of n-tiles n0..n0+7 and n0+8..15.
+            lane = cuda.threadIdx.x & 31
+            g, t = lane >> 2, lane & 3
+            p0 = off + g * LD + t
+            p1 = p0 + 8 * LD
+            return sm[p0], sm[p0 + 4], sm[p1], sm[p1 + 4]
+
+        @cuda.jit(device=True)
+        def lds4(sm, i):
+            return sm[i], sm[i + 1], sm[i + 2], sm[i + 3]
+
+        @cuda.jit(device=True)
+        def split(x):
+            b = _bits(x) & 0xFFFFFFFF
+            # cvt.rna.tf32.f32: round the magnitude half away from zero to 10 bits.
+            big = (b + 0x1000) & 0xFFFFE000
+            small = np.float32(x) - _from_bits(big)
+            return np.int32(_bits(_from_bits(big))), np.int32(_bits(small))
+
+        @cuda.jit(device=True)
+        def mma3(scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, bb0, bb1, bs0, bs1,
+                 c0, c1, c2, c3):
+            # One stand-in for the three m16n8k8 products (one barrier pair instead of
+            # three): C + As*Bb + Ab*Bs + Ab*Bb, each operand read as the tensor core
+            # reads it.
+            tid = cuda.threadIdx.x
+            lane = tid & 31
+            g, t = lane >> 2, lane & 3
+            A = (tid >> 5) * (16 * 16 + 16 * 8 + 32)
+            AS = A + 16 * 8
+            B = A + 16 * 16
+            BS = B + 8 * 8
+            for rb, rs, (r, c) in zip((ab0, ab1, ab2, ab3), (as0, as1, as2, as3),
+                                      ((g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4))):
+                scr[A + r * 8 + c] = _tf32(rb)
+                scr[AS + r * 8 + c] = _tf32(rs)
+            for rb, rs, k in zip((bb0, bb1), (bs0, bs1), (t, t + 4)):
+                scr[B + k * 8 + g] = _tf32(rb)
+                scr[BS + k * 8 + g] = _tf32(rs)
+            cuda.syncthreads()
+            d = [c0, c1, c2, c3]
+            for e in range(4):
+                r = g + 8 * (e >> 1)
+                n = 2 * t + (e & 1)
+                s = 0.0
+                for k in range(8):
+                    ab = float(scr[A + r * 8 + k])
+                    bb = float(scr[B + k * 8 + n])
+                    s += (float(scr[AS + r * 8 + k]) * bb + ab * float(scr[BS + k * 8 + n])
+                          + ab * bb)
+                d[e] = np.float32(d[e] + s)
+            cuda.syncthreads()
+            return d[0], d[1], d[2], d[3]
+
+        @cuda.jit(device=True)
+        def cp16(sm, sidx, a, gidx, ok):
+            for e in range(4):
+                sm[sidx + e] = a[gidx + e] if ok else 0
+
+        return frag_a, frag_b2, lds4, split, mma3, cp16
+
     @lru_cache(maxsize=None)
     def ops(kind: str):
+        if kind == "f32":
+            frag_a, frag_b2, lds4, split, mma3, cp16 = _tf32_ops()
+            common = ops("f16")
+            return _Ops(frag_a, frag_b2, None, None, common.quad_max, common.quad_sum,
+                        None, common.exp2, cp16, common.commit, common.wait_all,
+                        common.wait_one, split=split, lds4=lds4, mma3=mma3)
         unpack = _unpacker(kind)
         pack2 = _packer(kind)
         val = _elem_bits(kind)
@@ -401,6 +505,128 @@ else:
     cp_wait0 = _simple("cp_wait0", "cp.async.wait_group 0;")
     cp_wait1 = _simple("cp_wait1", "cp.async.wait_group 1;")
 
+    @intrinsic
+    def ldsm_x4_f(typingctx, addr):
+        """ldmatrix.x4 of 32-bit elements: the four registers as float32 (bit casts)."""
+        if not isinstance(addr, types.Integer):
+            return None
+        rt = types.UniTuple(types.float32, 4)
+
+        def codegen(context, builder, sig, args):
+            a = context.cast(builder, args[0], sig.args[0], types.uint32)
+            st = ir.LiteralStructType([_i32] * 4)
+            r = _call(builder, st, [_i32],
+                      "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [$4];",
+                      "=r,=r,=r,=r,r,~{memory}", [a], side_effect=True)
+            return context.make_tuple(builder, rt, [
+                builder.bitcast(builder.extract_value(r, e), _f32) for e in range(4)])
+
+        return rt(addr), codegen
+
+    _fixed(ldsm_x4_f, "ldsm_x4_f")
+
+    @intrinsic
+    def lds4_(typingctx, addr):
+        """Four float32 values at the 16-byte aligned shared address addr."""
+        if not isinstance(addr, types.Integer):
+            return None
+        rt = types.UniTuple(types.float32, 4)
+
+        def codegen(context, builder, sig, args):
+            a = context.cast(builder, args[0], sig.args[0], types.uint32)
+            st = ir.LiteralStructType([_f32] * 4)
+            # Volatile for the same reason as ldmatrix: no memory operand LLVM can see.
+            r = _call(builder, st, [_i32], "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];",
+                      "=f,=f,=f,=f,r,~{memory}", [a], side_effect=True)
+            return context.make_tuple(builder, rt,
+                                      [builder.extract_value(r, e) for e in range(4)])
+
+        return rt(addr), codegen
+
+    _fixed(lds4_, "lds4")
+
+    @intrinsic
+    def split_tf32(typingctx, x):
+        """(big, small) tf32 operand registers of x: big = x rounded to 10 mantissa
+        bits, half away from zero (what cvt.rna.tf32.f32 gives), small = x - big (exact).
+
+        The rounding is done on the bits (add half of the dropped part, clear it): 3
+        instructions with the subtraction, where ptxas expands cvt.rna.tf32.f32 into 5
+        (an extra infinity test and select). The difference: |x| within 2^-11 relative
+        of the float32 maximum rounds to infinity here (the attention of such inputs
+        overflows in any float32 kernel)."""
+        rt = types.UniTuple(types.int32, 2)
+
+        def codegen(context, builder, sig, args):
+            v = context.cast(builder, args[0], sig.args[0], types.float32)
+            bits = builder.bitcast(v, _i32)
+            big = builder.and_(builder.add(bits, ir.Constant(_i32, 0x1000)),
+                               ir.Constant(_i32, -0x2000))
+            small = builder.fsub(v, builder.bitcast(big, _f32))
+            return context.make_tuple(builder, rt, [big, builder.bitcast(small, _i32)])
+
+        return rt(x), codegen
+
+    _fixed(split_tf32, "split_tf32")
+
+    @intrinsic
+    def mma_tf32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        rt = types.UniTuple(types.float32, 4)
+        asm = ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+               "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+
+        def codegen(context, builder, sig, args):
+            ins = [context.cast(builder, v, t, types.int32)
+                   for v, t in zip(args[:6], sig.args[:6])]
+            ins += [context.cast(builder, v, t, types.float32)
+                    for v, t in zip(args[6:], sig.args[6:])]
+            st = ir.LiteralStructType([_f32] * 4)
+            r = _call(builder, st, [_i32] * 6 + [_f32] * 4, asm,
+                      "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", ins)
+            return context.make_tuple(builder, rt,
+                                      [builder.extract_value(r, e) for e in range(4)])
+
+        return rt(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), codegen
+
+    _fixed(mma_tf32, "mma_tf32")
+
+    @lru_cache(maxsize=None)
+    def _tf32_ops():
+        # ldmatrix row addresses for 32-bit elements: a matrix is 8 rows of 4 words.
+        @cuda.jit(device=True, inline=True)
+        def frag_a(sm, off, LD):
+            # matrices (rows 0-7, words 0-3), (8-15, 0-3), (0-7, 4-7), (8-15, 4-7)
+            lane = cuda.threadIdx.x & 31
+            r = (lane & 7) + (lane & 8)
+            c = (lane >> 4) << 2
+            return ldsm_x4_f(smem_addr(sm, off + r * LD + c))
+
+        @cuda.jit(device=True, inline=True)
+        def frag_b2(sm, off, LD):
+            # T[n, k] row-major: (n 0-7, k 0-3), (n 0-7, k 4-7), (n 8-15, k 0-3), (..)
+            lane = cuda.threadIdx.x & 31
+            r = (lane & 7) + ((lane >> 4) << 3)
+            c = (lane & 8) >> 1
+            return ldsm_x4_f(smem_addr(sm, off + r * LD + c))
+
+        @cuda.jit(device=True, inline=True)
+        def lds4(sm, i):
+            return lds4_(smem_addr(sm, i))
+
+        @cuda.jit(device=True, inline=True)
+        def split(x):
+            return split_tf32(x)
+
+        @cuda.jit(device=True, inline=True)
+        def mma3(scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, bb0, bb1, bs0, bs1,
+                 c0, c1, c2, c3):
+            # The two correction terms first, then the big product.
+            c0, c1, c2, c3 = mma_tf32(as0, as1, as2, as3, bb0, bb1, c0, c1, c2, c3)
+            c0, c1, c2, c3 = mma_tf32(ab0, ab1, ab2, ab3, bs0, bs1, c0, c1, c2, c3)
+            return mma_tf32(ab0, ab1, ab2, ab3, bb0, bb1, c0, c1, c2, c3)
+
+        return frag_a, frag_b2, lds4, split, mma3
+
     @cuda.jit(device=True, inline=True)
     def _quadrants(sm, off, LD):
         """The lane's ldmatrix.x4 row address for the four 8x8 quadrants of the 16x16
@@ -413,6 +639,13 @@ else:
 
     @lru_cache(maxsize=None)
     def ops(kind: str):
+        if kind == "f32":
+            frag_a, frag_b2, lds4, split, mma3 = _tf32_ops()
+            common = ops("f16")
+            # cp.async copies 16 bytes whatever the element type.
+            return _Ops(frag_a, frag_b2, None, None, common.quad_max, common.quad_sum,
+                        None, common.exp2, common.cp16, common.commit, common.wait_all,
+                        common.wait_one, split=split, lds4=lds4, mma3=mma3)
         mma_i = mma_bf16 if kind == "bf16" else mma_f16
         pack_i = pack_bf16 if kind == "bf16" else pack_f16
 
@@ -481,8 +714,11 @@ class _Ops:
     """The fragment operations of one element kind (same names on both paths)."""
 
     __slots__ = ("frag_a", "frag_b2", "frag_bt2", "mma", "quad_max", "quad_sum", "pack",
-                 "exp2", "cp16", "commit", "wait_all", "wait_one")
+                 "exp2", "cp16", "commit", "wait_all", "wait_one", "split", "lds4", "mma3")
 
-    def __init__(self, *fns):
+    def __init__(self, *fns, split=None, lds4=None, mma3=None):
+        # split, lds4, mma3: the float32 (3xTF32) kind's own operations; its frag_bt2,
+        # mma and pack are None (no transposed 32-bit ldmatrix, products are mma3).
         for name, fn in zip(self.__slots__, fns):
             setattr(self, name, fn)
+        self.split, self.lds4, self.mma3 = split, lds4, mma3

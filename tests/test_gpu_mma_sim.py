@@ -33,7 +33,9 @@ _SCRIPT = FLEX + textwrap.dedent(
     from attn.reference import attention, flex_attention as ref_flex
     dt = torch.float16
     assert not gpu.mma_reasons(dt, 16, 16), gpu.mma_reasons(dt, 16, 16)
-    assert gpu.mma_reasons(torch.float32, 16, 16)  # float32 stays on the SIMT kernel
+    # float32 at Dv = 16 stays on the SIMT kernel (the 3xTF32 kind needs Dv % 32 == 0;
+    # tests/test_gpu_mma_tf32_sim.py)
+    assert gpu.mma_reasons(torch.float32, 16, 16)
     assert gpu.mma_reasons(dt, 8, 8)               # head dim not a multiple of 16
 
     def mk(g, B, H, L, W, layout):

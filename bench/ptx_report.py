@@ -1,0 +1,82 @@
+"""Registers, stack and SASS instruction counts of a tensor-core forward kernel
+(gpu/_mma.py), without a GPU: numba-cuda's compile_ptx for sm_90, then `ptxas -v` and
+`cuobjdump -sass` (bench/NOTES.md G10 quotes its output).
+
+    PYTHONPATH=/path/to/numba-cuda-site NUMBA_CUDA_USE_NVIDIA_BINDING=0 \\
+        python bench/ptx_report.py KIND D [causal] [mask] [--out DIR]
+
+KIND is f32 (3xTF32), bf16 or f16; the tile configuration comes from gpu/_mma.py or
+ATTN_GPU_TF32_CONFIG / ATTN_GPU_MMA_CONFIG. Needs ptxas and cuobjdump on PATH.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else \
+        Path(tempfile.mkdtemp())
+    args = [a for a in args if a != str(out)]
+    kind, D = args[0], int(args[1])
+    causal, mask = "causal" in args[2:], "mask" in args[2:]
+
+    import attn
+    try:
+        from attn.gpu import _mma
+    except ImportError:
+        attn.__path__.append(str(ROOT))
+        from attn.gpu import _mma
+    from numba import cuda
+    from numba.core import types
+    import numba.cuda.dispatcher as dispatcher
+
+    class _Hopper:  # device functions compile for the "current device": there is none
+        compute_capability = (9, 0)
+    dispatcher.get_current_device = lambda: _Hopper()
+
+    def arr(dt):
+        return types.Array(dt, 1, "C")
+    elt = {"f32": types.float32, "f16": types.float16, "bf16": types.int16}[kind]
+    # The launcher's argument types (gpu/_cuda.py): 1-D arrays, int64 and float64 scalars.
+    sig = tuple([arr(elt)] * 4 + [arr(types.float32)] * 2 + [types.int64] * 24
+                + [types.float64] + [arr(types.int32)] * 4 + [types.int64] * 3
+                + [arr(types.float32)] * 4)
+    tag = f"{kind}_{D}{'_causal' if causal else ''}{'_mask' if mask else ''}"
+    t0 = time.time()
+    k = _mma.forward_kernel(kind, D, D, causal, mask, None)
+    ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0))
+    print(tag, _mma.config(D, D, kind), f"compile {time.time() - t0:.1f}s")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.ptx").write_text(ptx)
+    r = subprocess.run(["ptxas", "-arch=sm_90", "-v", str(out / f"{tag}.ptx"), "-o",
+                        str(out / f"{tag}.cubin")], capture_output=True, text=True)
+    for line in (r.stdout + r.stderr).splitlines():
+        if "Used" in line or "stack" in line or "rror" in line:
+            print(line.strip())
+    sass = subprocess.run(["cuobjdump", "-sass", str(out / f"{tag}.cubin")],
+                          capture_output=True, text=True).stdout
+    (out / f"{tag}.sass").write_text(sass)
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
+        if m:
+            ops[m.group(1)] += 1
+    for prefix in ("HMMA", "LDSM", "LDS.128", "LDGSTS", "MUFU.EX2", "STL", "LDL", "BAR",
+                   "SHFL"):
+        print(f"{prefix}: {sum(v for op, v in ops.items() if op.startswith(prefix))}")
+    print("files in", out)
+
+
+if __name__ == "__main__":
+    main()
