@@ -216,26 +216,38 @@ def flex_tiles(block_size) -> tuple[int, int]:
     return math.gcd(BLOCK_M, QB), KB
 
 
-# The forward runs groups of up to 4 q tiles of one (batch, head) in lockstep, so each
-# kv tile is fetched (and packed, when strided) once per group (cpu/_kernels.pyx,
-# bench/NOTES.md C1). A group's state (Q^T, acc, m, l per tile) stays within this many
-# bytes so it shares L2 with the kv tiles.
+# The forward can run groups of up to 4 q tiles of one (batch, head) in lockstep, so
+# each kv tile is fetched, and packed, once per group (cpu/_kernels.pyx, bench/NOTES.md
+# C1). Taken when K or V rows are strided (varlen's packed (tokens, heads, D), a
+# transposed view) and must be packed; with row-major K and V a group of one measured
+# 2-3% faster (one q tile's Q^T and acc stay in L2, the kv tiles stream). A group's
+# state (Q^T, acc, m, l per tile) stays within this many bytes so it shares L2 with
+# the kv tiles.
 _FWD_GROUP_BYTES = 136 * 1024
 # Groups are made smaller while a call would have fewer than this many items per
 # thread (uneven causal rows need several per thread to balance).
 _FWD_ITEMS_PER_THREAD = 8
 
 
-def _fwd_group(B, Hq, BM, D, Dv, itemsize, nthreads, n_items) -> int:
-    """q tiles per forward item: the largest of 4, 2, 1 whose group state fits
-    _FWD_GROUP_BYTES and that leaves enough items; n_items(G) counts the items of a
-    (batch, head). ATTN_CPU_FWD_GROUP forces a size (results are bitwise the same for
-    every size)."""
+def _rows_packed(t: torch.Tensor) -> bool:
+    """Whether the kernels must pack this (B, H, L, D) tensor's rows (their
+    rows_need_pack): not row-major with a width padded to the vector block."""
+    D = t.shape[-1]
+    return not (t.stride(-1) == 1 and D == _padded(D) and t.stride(-2) == D)
+
+
+def _fwd_group(B, Hq, BM, D, Dv, itemsize, nthreads, n_items, packed=True) -> int:
+    """q tiles per forward item: 1 when no K/V rows are packed (packed=False), else the
+    largest of 4, 2, 1 whose group state fits _FWD_GROUP_BYTES and that leaves enough
+    items; n_items(G) counts the items of a (batch, head). ATTN_CPU_FWD_GROUP forces a
+    size (results are bitwise the same for every size)."""
     forced = os.environ.get("ATTN_CPU_FWD_GROUP", "").strip()
     if forced:
         if forced not in ("1", "2", "3", "4"):
             raise ValueError(f"ATTN_CPU_FWD_GROUP={forced!r}: expected 1, 2, 3 or 4")
         return int(forced)
+    if not packed:
+        return 1
     BMp = _padded(BM)
     state = (D * BMp + BMp * _padded(Dv) + 2 * BMp) * itemsize
     for G in (4, 2):
@@ -265,7 +277,8 @@ def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None, fwd=Fa
 
             def n_items(G):
                 return -(-nqb // G)
-        group = _fwd_group(B, Hq, BM, D, Dv, q.element_size(), num_threads(), n_items)
+        group = _fwd_group(B, Hq, BM, D, Dv, q.element_size(), num_threads(), n_items,
+                           _rows_packed(k) or _rows_packed(v))
     if band is not None:
         jagged, _ = _jagged_args(band, BM, BN, group)
         kv_full = kv_part = q_full = q_part = (None, None)

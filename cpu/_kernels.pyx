@@ -406,24 +406,24 @@ cdef inline int visible_keys(real *dummy, Problem *p, long b, long h, int q0, in
 
 cdef inline void scores_rows(real *dummy, Problem *p, long b, long h, int q0, int mq,
                              int k0, int nk, int mode, long long diag, const real *Qt,
-                             real *St, const real *Kr, long ldk, real *G,
+                             real *St, long lds, const real *Kr, long ldk, real *G,
                              const real *Msel) noexcept nogil:
-    """S^T (keys x queries) of the nk keys from k0, whose rows (padded to Dp) are Kr /
-    ldk, against a q block whose Q^T, times the softmax scale, is Qt; score_mod, then
-    the mask: Msel (the evaluated mask_mod rows of these keys) when given, else as
-    `mode` says."""
+    """S^T (keys x queries, leading dimension lds; G likewise) of the nk keys from k0,
+    whose rows (padded to Dp) are Kr / ldk, against a q block whose Q^T, times the
+    softmax scale, is Qt; score_mod, then the mask: Msel (the evaluated mask_mod rows
+    of these keys, leading dimension BMp) when given, else as `mode` says."""
     # Broadcast K, vectors of Q^T.
-    gemm(nk, p.BMp, p.D, Kr, ldk, 1, Qt, p.BMp, St, p.BMp, 0)
+    gemm(nk, p.BMp, p.D, Kr, ldk, 1, Qt, p.BMp, St, lds, 0)
     if p.mod_score != NULL:
-        apply_score_mod(dummy, p, St, G, p.BMp, 0, b, h, q0, mq, k0, nk)
+        apply_score_mod(dummy, p, St, G, lds, 0, b, h, q0, mq, k0, nk)
     if Msel != NULL:
         # The mask as evaluated: hidden elements become -inf, whatever score_mod gave.
         if real is float:
-            mask_select_float(nk, p.BMp, St, p.BMp, Msel, p.BMp)
+            mask_select_float(nk, p.BMp, St, lds, Msel, p.BMp)
         else:
-            mask_select_double(nk, p.BMp, St, p.BMp, Msel, p.BMp)
+            mask_select_double(nk, p.BMp, St, lds, Msel, p.BMp)
     else:
-        mask_pair(dummy, p, St, p.BMp, 0, b, h, q0, mq, k0, nk, mode, diag)
+        mask_pair(dummy, p, St, lds, 0, b, h, q0, mq, k0, nk, mode, diag)
 
 
 cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q0,
@@ -443,8 +443,8 @@ cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q
     k0[0] += lo
     nk = hi - lo
     Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0[0], nk, p.D, p.Dp, Ks, ldk)
-    scores_rows(dummy, p, b, h, q0, mq, k0[0], nk, mode, diag, Qt, St, Kr[0], ldk[0], G,
-                Mt + <size_t>lo * p.BMp if pre else NULL)
+    scores_rows(dummy, p, b, h, q0, mq, k0[0], nk, mode, diag, Qt, St, p.BMp, Kr[0],
+                ldk[0], G, Mt + <size_t>lo * p.BMp if pre else NULL)
     return nk
 
 
@@ -539,13 +539,21 @@ cdef inline int rows_need_pack(Tensor4 *t, int width, int width_p) noexcept nogi
     return not (t.s[3] == 1 and width == width_p and t.s[2] == width_p)
 
 
+cdef inline int fwd_lds(Problem *p) noexcept nogil:
+    """Leading dimension of the forward's S^T tile: one vector row more than BMp, so
+    its rows are not a power of two apart (64 floats = 256 B): the P V product reads a
+    column strip of S^T and of V per register block, and rows 256 B apart fall into a
+    quarter of L1's sets, where the two strips evict each other (bench/NOTES.md C1)."""
+    return p.BMp + ATTN_PAD
+
+
 cdef inline size_t fwd_state_elems(Problem *p) noexcept nogil:
     # One q tile's state: Q^T (scaled), acc, m_i, l_i.
     return <size_t>p.D * p.BMp + <size_t>p.BMp * p.Dvp + 2 * <size_t>p.BMp
 
 
 cdef size_t fwd_scratch_elems(Problem *p) noexcept nogil:
-    return (<size_t>p.BN * p.BMp            # S^T
+    return (<size_t>p.BN * fwd_lds(p)       # S^T
             + <size_t>p.BN * p.BMp          # mask_mod tile (visible_keys)
             + <size_t>p.BMp                 # alpha
             + 2 * <size_t>p.BN * p.Dp       # K slots
@@ -554,7 +562,8 @@ cdef size_t fwd_scratch_elems(Problem *p) noexcept nogil:
 
 
 cdef inline real *fwd_kslot(Problem *p, real *scratch, int s) noexcept nogil:
-    return scratch + 2 * <size_t>p.BN * p.BMp + p.BMp + <size_t>s * p.BN * p.Dp
+    return (scratch + <size_t>p.BN * (fwd_lds(p) + p.BMp) + p.BMp
+            + <size_t>s * p.BN * p.Dp)
 
 
 cdef inline real *fwd_vslot(Problem *p, real *scratch, int s) noexcept nogil:
@@ -639,8 +648,9 @@ cdef inline void fwd_step(real *dummy, Problem *p, long b, long h, long hk, int 
     query of the tile sees (visible_keys; the dQ pass's scores_t keeps the same rows),
     new maxima and sums, acc rescaled and P V added."""
     cdef int BMp = p.BMp
+    cdef int lds = fwd_lds(p)
     cdef real *St = scratch
-    cdef real *Mt = St + <size_t>p.BN * BMp
+    cdef real *Mt = St + <size_t>p.BN * lds
     cdef real *alpha = Mt + <size_t>p.BN * BMp
     cdef real *Qt = state
     cdef real *acc = Qt + <size_t>p.D * BMp
@@ -657,16 +667,16 @@ cdef inline void fwd_step(real *dummy, Problem *p, long b, long h, long hk, int 
         return
     n = hi - lo
     Kr = fwd_kv(dummy, p, 0, b, hk, k0, nk, c, scratch, &ldk)
-    scores_rows(dummy, p, b, h, q0, mq, k0 + lo, n, mode, diag, Qt, St, Kr + lo * ldk,
-                ldk, NULL, Mt + <size_t>lo * BMp if pre else NULL)
+    scores_rows(dummy, p, b, h, q0, mq, k0 + lo, n, mode, diag, Qt, St, lds,
+                Kr + lo * ldk, ldk, NULL, Mt + <size_t>lo * BMp if pre else NULL)
     if real is float:
-        softmax_cols_f32(n, BMp, St, BMp, m_i, l_i, alpha)
+        softmax_cols_f32(n, BMp, St, lds, m_i, l_i, alpha)
     else:
-        softmax_cols_f64(n, BMp, St, BMp, m_i, l_i, alpha)
+        softmax_cols_f64(n, BMp, St, lds, m_i, l_i, alpha)
     Vr = fwd_kv(dummy, p, 1, b, hk, k0, nk, c, scratch, &ldv)
     # acc (queries x Dv) = alpha * acc + P V, P read as the transpose of the S^T tile;
     # the rescale by alpha happens as the product loads acc.
-    gemm_rs(mq, p.Dvp, n, St, 1, BMp, Vr + lo * ldv, ldv, acc, p.Dvp, alpha)
+    gemm_rs(mq, p.Dvp, n, St, 1, lds, Vr + lo * ldv, ldv, acc, p.Dvp, alpha)
 
 
 cdef inline void fwd_end(real *dummy, Problem *p, long b, long h, int q0, int mq,

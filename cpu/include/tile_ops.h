@@ -148,16 +148,50 @@ ATTN_DEFINE_LDST(double, vf64)
             }                                                                      \
         }                                                                          \
     }                                                                              \
+    /* Every row block of the column block B, C .. + nv vectors (nv literal once    \
+     * inlined). */                                                                \
+    ATTN_INLINE void gemm_colblock_##T(int nv, int M, int K, const T *A, long a_rs, \
+                                       long a_cs, const T *B, long ldb, T *C,       \
+                                       long ldc, int accumulate, const T *rscale)   \
+    {                                                                              \
+        int m = 0;                                                                 \
+        for (; m + ATTN_MR <= M; m += ATTN_MR)                                     \
+            ukernel_##T(ATTN_MR, nv, K, A + m * a_rs, a_rs, a_cs, B, ldb,           \
+                        C + (long)m * ldc, ldc, accumulate,                        \
+                        rscale ? rscale + m : NULL);                               \
+        const T *a = A + m * a_rs;                                                 \
+        T *cp = C + (long)m * ldc;                                                 \
+        const T *rs = rscale ? rscale + m : NULL;                                  \
+        switch (M - m) {                                                           \
+        ATTN_TAIL_COL(T, 1) ATTN_TAIL_COL(T, 2) ATTN_TAIL_COL(T, 3)                \
+        ATTN_TAIL_COL(T, 4) ATTN_TAIL_COL(T, 5) ATTN_TAIL_COL(T, 6)                \
+        ATTN_TAIL_COL(T, 7)                                                        \
+        default: break;                                                            \
+        }                                                                          \
+    }                                                                              \
     static void gemm_##T(int M, int N, int K, const T *A, long a_rs, long a_cs,     \
                          const T *B, long ldb, T *C, long ldc, int accumulate)      \
     {                                                                              \
         gemm_impl_##T(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate, NULL);    \
     }                                                                              \
-    /* C = diag(rscale) C + A B: the forward's acc = alpha * acc + P V. */         \
+    /* C = diag(rscale) C + A B: the forward's acc = alpha * acc + P V. Column      \
+     * blocks outside, row blocks inside (gemm_impl nests them the other way): a    \
+     * column strip of B (V, BLOCK_N rows of one cache line each) then stays in L1   \
+     * while every row block passes over it, and A (the S^T tile read transposed) is \
+     * re-read per strip instead: fewer L2 reads when B has more rows than A has     \
+     * columns' lines (bench/NOTES.md C1). Each element of C gets the same products \
+     * in the same order either way. */                                            \
     static void gemm_rs_##T(int M, int N, int K, const T *A, long a_rs, long a_cs,  \
                             const T *B, long ldb, T *C, long ldc, const T *rscale)  \
     {                                                                              \
-        gemm_impl_##T(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, 1, rscale);           \
+        const int NR = ATTN_NV * VW;                                               \
+        int n = 0;                                                                 \
+        for (; n + NR <= N; n += NR)                                               \
+            gemm_colblock_##T(ATTN_NV, M, K, A, a_rs, a_cs, B + n, ldb, C + n, ldc, \
+                              1, rscale);                                          \
+        for (; n < N; n += VW)                                                     \
+            gemm_colblock_##T(1, M, K, A, a_rs, a_cs, B + n, ldb, C + n, ldc, 1,    \
+                              rscale);                                             \
     }
 
 /* Rows left over after the MR-row blocks (case count < ATTN_MR, never more than 7). */
@@ -172,6 +206,14 @@ ATTN_DEFINE_LDST(double, vf64)
                 ukernel_##T(R < ATTN_MR ? R : 1, 1, K, a, a_rs, a_cs, B + n, ldb,   \
                             cp + n, ldc, accumulate, rs);                          \
         }                                                                          \
+        break;
+
+/* The same for one column block (gemm_colblock: nv vectors wide). */
+#define ATTN_TAIL_COL(T, R)                                                        \
+    case R:                                                                        \
+        if (R < ATTN_MR)                                                           \
+            ukernel_##T(R < ATTN_MR ? R : 1, nv, K, a, a_rs, a_cs, B, ldb, cp, ldc, \
+                        accumulate, rs);                                           \
         break;
 
 ATTN_DEFINE_UKERNEL(float, vf32, ATTN_VW32)
