@@ -70,6 +70,10 @@ from ._ptx import SCRATCH_WORDS, gaddr, ops
 __all__ = ["forward_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
 
 NEG_INF = np.float32(-np.inf)
+# A partial block of a mask_mod-only call evaluates the mask into per-row bit sets and
+# applies them in registers (forward_kernel); ATTN_GPU_MASK_REGS=0 sends it through the
+# shared-memory copy of S as score_mod calls do. Read once at import.
+MASK_REGS = os.environ.get("ATTN_GPU_MASK_REGS", "1").strip() != "0"
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 LOG2E = np.float32(1.4426950408889634)
@@ -82,7 +86,8 @@ class Tiles:
     ``table`` maps the largest max(D, Dv) an entry serves to its Config (larger head dims
     take the last entry), the simulator takes ``sim``. The environment variable ``env``
     replaces entries, "64:4,2,64,1;128:4,2,64,0" (the Config fields in order): the
-    tuning knob of the device scripts, read once at import."""
+    tuning knob of the device scripts, read once at import; the key "sim" replaces the
+    simulator's (the simulator tests of configurations other than its default)."""
 
     def __init__(self, Config, table: dict, sim, env: str):
         self.table = dict(table)
@@ -91,7 +96,11 @@ class Tiles:
         if spec:
             for part in spec.split(";"):
                 dd, vals = part.split(":")
-                self.table[int(dd)] = Config(*(int(x) for x in vals.split(",")))
+                cfg = Config(*(int(x) for x in vals.split(",")))
+                if dd.strip() == "sim":
+                    self.sim = cfg
+                else:
+                    self.table[int(dd)] = cfg
 
     def config(self, D: int, Dv: int):
         if SIM:
@@ -283,9 +292,29 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     VSZ = BN * LDV
     SCR = SCRATCH_WORDS(NW)
     # Full blocks of a mask-only call need no per-element work (FlexAttention's
-    # full/partial split): only score_mod, or a partial block's masks, take the
-    # shared-memory path, the rest the register path of dense calls.
+    # full/partial split): only score_mod, or a partial block's attn_mask (or mask_mod
+    # when MASKREG is off), take the shared-memory path; the rest the register path.
     MASKS = MASK or MASKMOD
+    # mask_mod alone on a partial block: a rolled loop per row slot (it touches no
+    # register array, so rolling it costs nothing) evaluates the mask into a bit set of
+    # the lane's NCB columns, and the unrolled register loop applies the bits. Saves
+    # the shared-memory round trip of S and lets the compiler hoist the row's loads.
+    NCB = NS // 2  # columns of a row slot per lane and block
+    MASKREG = MASK_REGS and MASKMOD and not SCORE and not MASK and MT <= 2 and NCB <= 32
+
+    @cuda.jit(device=True, inline=True)
+    def row_bits(b, h, row, c0, Lq, Lk, x0, x1, x2, x3):
+        bits = 0
+        for j in range(NCB):
+            col = c0 + 8 * (j >> 1) + (j & 1)
+            ok = col < Lk
+            if CAUSAL:
+                ok = ok and col <= row
+            if ok and row < Lq:
+                ok = mask_fn(b, h, row, col, x0, x1, x2, x3)
+            if ok:
+                bits |= 1 << j
+        return int32(bits)
     # float32 offset of the mods' S scratch (16-bit tiles: two elements per word)
     OMF = OV0 + 2 * VSZ if TF32 else (OV0 + 2 * VSZ) // 2
     load_q = _loader(BM, D, LDQ, NTH, kind, o_.cp16)
@@ -441,7 +470,21 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             # block. Every loop that indexes registers has a small body, so that it is
             # fully unrolled (a loop left rolled would move S to local memory).
             partial = it >= nf
-            if SCORE or (MASKS and partial):
+            if MASKREG and partial:
+                # The row-slot calls are written out (constant indices into lim), so
+                # the loop that calls the rolled mask loop is not itself a loop.
+                c0 = n0 + 2 * t
+                lim[0] = row_bits(b, h, rw, c0, Lq, Lk, x0, x1, x2, x3)
+                lim[1] = row_bits(b, h, rw + 8, c0, Lq, Lk, x0, x1, x2, x3)
+                if MT > 1:
+                    lim[2] = row_bits(b, h, rw + 16, c0, Lq, Lk, x0, x1, x2, x3)
+                    lim[3] = row_bits(b, h, rw + 24, c0, Lq, Lk, x0, x1, x2, x3)
+                for idx in range(MNS):
+                    x = s[idx] * sl2
+                    j = 2 * ((idx % NS) >> 2) + (idx & 1)
+                    bit = (lim[2 * (idx // NS) + ((idx >> 1) & 1)] >> j) & 1
+                    s[idx] = x if bit != 0 else NEG_INF
+            elif SCORE or (MASKS and partial):
                 # Mods and attn_mask: the per-element work can be large, so it runs on
                 # a copy of S in shared memory (each lane its own column, no barrier
                 # needed), rolled or not as the compiler likes.

@@ -97,3 +97,43 @@ _SCRIPT = FLEX + textwrap.dedent(
 
 def test_mma_forward_in_cuda_simulator():
     run_script(_SCRIPT, timeout=900)
+
+
+# mask_mod alone on partial blocks takes the bit-set register path (forward_kernel's
+# MASKREG), written out per row slot for one or two m16 tiles per warp: the simulator's
+# default tiles have one, so this runs a two-tile configuration (2 warps x 2 tiles =
+# 64-row q blocks, 16-key kv blocks; BLOCK_SIZE (64, 32)) against the float64 reference.
+# (ATTN_GPU_MASK_REGS=0 sends these blocks through the shared-memory copy of S, which the
+# score_mod cases above run.)
+_MASK_BITS = FLEX + textwrap.dedent(
+    r"""
+    from attn.reference import flex_attention as ref_flex
+    from attn.gpu import _mma
+    dt = torch.float16
+    assert _mma.config(16, 16, "f16").MT == 2, _mma.config(16, 16, "f16")
+    L = 71
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, H, L, 16, generator=g).to(dt) for H in (2, 1, 1))
+    docs = mods.document_mask(torch.tensor([0, 5, 40, 41, 66, 71]))
+    worst = 0.0
+    for mask_mod in (mods.sliding_window(7), docs, mods.sliding_window(20, causal=False)):
+        bm = attn.create_block_mask(mask_mod, 1, 2, L, L, device="cpu", BLOCK_SIZE=(64, 32))
+        spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod), None, False, None)
+        out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
+        ro, rl, _ = ref_flex(q.double(), k.double(), v.double(), None, bm, None, True)
+        fin = torch.isfinite(rl)
+        assert torch.equal(torch.isfinite(lse), fin) and (out[~fin] == 0).all(), mask_mod
+        e = (out.double() - ro).abs().max().item()
+        el = (lse[fin].double() - rl[fin]).abs().max().item()
+        assert e <= 4e-3 and el <= 1e-4, f"{mask_mod}: out err {e}, lse err {el}"
+        worst = max(worst, e)
+    print("OK mask bits; MASK_REGS", _mma.MASK_REGS, "worst abs error", worst)
+    """
+)
+
+
+def test_mma_forward_mask_bits_two_tiles_in_simulator(monkeypatch):
+    monkeypatch.setenv("ATTN_GPU_MMA_CONFIG", "sim:2,2,16,1")
+    monkeypatch.delenv("ATTN_GPU_MASK_REGS", raising=False)
+    out = run_script(_MASK_BITS, timeout=900)
+    assert "MASK_REGS True" in out
