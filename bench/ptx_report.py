@@ -1,12 +1,17 @@
 """Registers, stack and SASS instruction counts of a tensor-core forward kernel
-(gpu/_mma.py), without a GPU: numba-cuda's compile_ptx for sm_90, then `ptxas -v` and
-`cuobjdump -sass` (bench/NOTES.md G10 quotes its output).
+(gpu/_mma.py) or dK/dV backward kernel (gpu/_mma_bwd.py, ``bwd``), without a GPU:
+numba-cuda's compile_ptx for sm_90, then `ptxas -v` and `cuobjdump -sass`
+(bench/NOTES.md G10 and G11 quote its output).
 
     PYTHONPATH=/path/to/numba-cuda-site NUMBA_CUDA_USE_NVIDIA_BINDING=0 \\
-        python bench/ptx_report.py KIND D [causal] [mask] [--out DIR]
+        python bench/ptx_report.py KIND D [bwd] [causal] [mask] [mod] [--out DIR]
 
-KIND is f32 (3xTF32), bf16 or f16; the tile configuration comes from gpu/_mma.py or
-ATTN_GPU_TF32_CONFIG / ATTN_GPU_MMA_CONFIG. Needs ptxas and cuobjdump on PATH.
+KIND is f32 (3xTF32), bf16 or f16; ``mask`` an attn_mask, ``mod`` a FlexAttention
+(causal) mask_mod (the kernel of its partial blocks; full blocks share it). The tile
+configuration comes from gpu/_mma.py / gpu/_mma_bwd.py or ATTN_GPU_TF32_CONFIG,
+ATTN_GPU_MMA_CONFIG, ATTN_GPU_TF32_BWD_CONFIG, ATTN_GPU_MMA_BWD_CONFIG. The float32
+backward is compiled whatever ATTN_GPU_TF32X3_BWD says. Needs ptxas and cuobjdump on
+PATH.
 """
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def numpy_type(t):
+    from numba.core import types
+    return {"torch.int32": types.int32, "torch.int64": types.int64,
+            "torch.float32": types.float32, "torch.bool": types.uint8}[str(t.dtype)]
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else \
@@ -30,6 +41,7 @@ def main():
     args = [a for a in args if a != str(out)]
     kind, D = args[0], int(args[1])
     causal, mask = "causal" in args[2:], "mask" in args[2:]
+    bwd, mod = "bwd" in args[2:], "mod" in args[2:]
 
     import attn
     try:
@@ -37,6 +49,7 @@ def main():
     except ImportError:
         attn.__path__.append(str(ROOT))
         from attn.gpu import _mma
+    from attn.gpu import _mma_bwd
     from numba import cuda
     from numba.core import types
     import numba.cuda.dispatcher as dispatcher
@@ -52,11 +65,32 @@ def main():
     sig = tuple([arr(elt)] * 4 + [arr(types.float32)] * 2 + [types.int64] * 24
                 + [types.float64] + [arr(types.int32)] * 4 + [types.int64] * 3
                 + [arr(types.float32)] * 4)
-    tag = f"{kind}_{D}{'_causal' if causal else ''}{'_mask' if mask else ''}"
+    mods = None
+    if mod:
+        # A mask_mod as the FlexAttention path compiles it: the causal mask_mod (a
+        # document mask_mod's min/max clamps do not type with numba-cuda 0.30.4's
+        # compile_ptx here: "Signature mismatch", for every kernel and dtype).
+        from attn import gpu, mods as amods, _modgen
+        m = _modgen.trace_mask_mod(amods.causal_mask)
+        mods = gpu.GpuMods.get(m, None)
+        sig = sig[:-4] + tuple(types.Array(numpy_type(b), 1, "C") for b in m.buffers) \
+            + sig[-4 + len(m.buffers):]
+    tag = (f"{kind}_{D}{'_bwd' if bwd else ''}{'_causal' if causal else ''}"
+           f"{'_mask' if mask else ''}{'_mod' if mod else ''}")
     t0 = time.time()
-    k = _mma.forward_kernel(kind, D, D, causal, mask, None)
+    if bwd:
+        k = _mma_bwd.dkdv_kernel(kind, D, D, causal, mask, mods)
+        # dkdv's arguments: q k v do, lse delta mask, dk dv, dqa; 28 strides; Hq Hkv G
+        # Lq Lk; scale; the four block-list arrays, ncols lb lh; the four buffers.
+        sig = (tuple([arr(elt)] * 4 + [arr(types.float32)] * 3 + [arr(elt)] * 2
+                     + [arr(types.float32)] + [types.int64] * 33 + [types.float64]
+                     + [arr(types.int32)] * 4 + [types.int64] * 3) + sig[-4:])
+        cfg = _mma_bwd.config(D, D, kind)
+    else:
+        k = _mma.forward_kernel(kind, D, D, causal, mask, mods)
+        cfg = _mma.config(D, D, kind)
     ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0))
-    print(tag, _mma.config(D, D, kind), f"compile {time.time() - t0:.1f}s")
+    print(tag, cfg, f"compile {time.time() - t0:.1f}s")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.ptx").write_text(ptx)
     r = subprocess.run(["ptxas", "-arch=sm_90", "-v", str(out / f"{tag}.ptx"), "-o",

@@ -397,7 +397,7 @@ def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=())
     if tiling is not None:
         r.append("an explicit SIMT tiling was asked for")
     if block_size is not None:
-        BM, BN = mod.tile(D, Dv, _KIND[dtype]) if mod is _mma else mod.tile(D, Dv)
+        BM, BN = mod.tile(D, Dv, _KIND[dtype])
         if block_size[0] % BM or block_size[1] % BN:
             r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
                      f"tensor-core {label}'s {BM}x{BN} tiles")
@@ -450,14 +450,24 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
 # accumulated by atomics: ATTN_GPU_MMA_BWD=0 keeps the SIMT dK/dV kernel (the switch
 # exists so a failing device check can turn the default off in one place).
 MMA_BACKWARD = os.environ.get("ATTN_GPU_MMA_BWD", "1").strip() != "0"
+# float32 backward on tensor cores with the 3xTF32 split (gpu/_mma_bwd.py, kind "f32"):
+# written and checked in the simulator, but not yet run on a GPU, so it is off by
+# default; ATTN_GPU_TF32X3_BWD=1 turns it on (bench/device/tf32_bwd_check.py is the
+# device check that decides the default).
+TF32X3_BACKWARD = os.environ.get("ATTN_GPU_TF32X3_BWD", "0").strip() not in ("", "0")
 
 
 def mma_bwd_reasons(dtype, D, Dv, tiling=None, block_size=None, atomic=True) -> list[str]:
     """Why a backward runs the SIMT dK/dV kernel instead of the tensor-core one
-    (gpu/_mma_bwd.py): empty when the tensor-core kernel serves it."""
+    (gpu/_mma_bwd.py: float16/bfloat16, and float32 by 3xTF32 when TF32X3_BACKWARD is
+    on, which it is not by default: not yet verified on a GPU): empty when the
+    tensor-core kernel serves it."""
     extra = []
     if not MMA_BACKWARD:
         extra.append("ATTN_GPU_MMA_BWD=0 (attn.gpu.MMA_BACKWARD is off)")
+    if dtype == torch.float32 and not TF32X3_BACKWARD:
+        extra.append("float32 tensor-core backward not yet verified on a GPU "
+                     "(ATTN_GPU_TF32X3_BWD=1 enables it)")
     if not atomic:
         extra.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
     return _tensor_core_reasons(_mma_bwd, "backward", dtype, D, Dv, tiling, block_size,
@@ -555,7 +565,7 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
                              flex.block_mask.BLOCK_SIZE if sparse else None,
                              dqa is not None)
     if tc:
-        BM, BN = _mma_bwd.tile(D, Dv)
+        BM, BN = _mma_bwd.tile(D, Dv, kind)
     lb = lh = 0
     if sparse:
         _, (qf_n, qf_i, qp_n, qp_i, ncols), _, (lb, lh) = _flex_lists(flex, BM, BN,
@@ -565,8 +575,8 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
                                                           m is not None, q.device)
     if tc:
         kern = _mma_bwd.dkdv_kernel(kind, D, Dv, causal, m is not None, mods)
-        nth = _mma_bwd.threads(D, Dv)
-        shmem = _mma_bwd.shared_bytes(D, Dv, m is not None or mods is not None)
+        nth = _mma_bwd.threads(D, Dv, kind)
+        shmem = _mma_bwd.shared_bytes(D, Dv, m is not None or mods is not None, kind)
     else:
         kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None, mods,
                                     dqa is not None)

@@ -42,6 +42,29 @@ score_mod, and the masks of partial blocks: S and dP go to a per-lane shared cop
 per-element work (score_mod and its derivative, mask_mod, the additive mask) runs
 rolled or not as the compiler likes, so the register fragments stay unrolled (the
 forward's lesson, bench/NOTES.md G7).
+
+float32 inputs (kind "f32") run the same kernel on ``mma.sync.m16n8k8`` tf32 with the
+3xTF32 split of gpu/_mma.py's float32 forward (each operand x = big + small, three
+products per mma3, float32 accuracy). OFF by default: it has not yet run on a GPU, so
+``attn.gpu.TF32X3_BACKWARD`` (ATTN_GPU_TF32X3_BWD=1) must be set, else mma_bwd_reasons
+says so and the SIMT dK/dV kernel runs. The differences from the 16-bit kinds, all at
+the products (ldmatrix.trans cannot transpose 32-bit elements):
+
+* float32 tiles in shared memory, rows padded by 4 words; k-steps of 8; K, V A
+  fragments and Q, dO B fragments of S^T, dP^T by ldmatrix (b16 moves 32-bit words
+  intact), re-read and split each q block (KREG = 0).
+* dV += P^T dO and dK += dS^T Q in 8-query steps with the query order permuted inside
+  a step (A column t = query 2t, t+4 = query 2t+1), so P^T's and dS^T's accumulators
+  are the A fragments as they are (a0..a3 = c0, c2, c1, c3); the head dims permuted
+  inside 32-dim groups (n-tile q of group J holds dims 32J + 4n + q), so one 16-byte
+  ld.shared.v4 of a dO (or Q) row gives b0 (or b1) of four n-tiles; dK and dV come out
+  in that dim order and the epilogue maps them back. D and Dv must be multiples of 32.
+* dQ += scale * dS K: dS^T goes to shared memory one word per element, columns XOR-
+  swizzled per key row (_swz) so that the writers (key g, queries 2t, 2t+1) and the
+  readers (keys 2t, 2t+1, query g) both hit 32 distinct banks; each warp takes units
+  of 16 queries x 32 dims, A = dS by scalar loads (the key order permuted as above),
+  B = K by 16-byte loads of key rows 2t, 2t+1 (dims permuted as above), float32
+  atomics into ``dqa``.
 """
 from __future__ import annotations
 
@@ -52,8 +75,8 @@ import numpy as np
 
 from ._cuda import cuda, float32, int32
 from ._kernels import _block_at, _hooks
-from ._mma import (LOG2E, NEG_INF, ONE, ZERO, _JIT, Tiles, _loader, head_dim_reasons,
-                   vec_ok)
+from ._mma import (LOG2E, MAX_D, NEG_INF, ONE, ZERO, _JIT, Tiles, _loader,
+                   head_dim_reasons, vec_ok)
 from ._ptx import SCRATCH_WORDS, ops
 
 __all__ = ["dkdv_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
@@ -72,30 +95,63 @@ POS_INF = np.float32(np.inf)
 Config = namedtuple("Config", "NW BM KREG")
 _TILES = Tiles(Config, {64: Config(4, 64, False), 128: Config(4, 32, False)},
                Config(2, 16, True), "ATTN_GPU_MMA_BWD_CONFIG")
-config = _TILES.config
-threads = _TILES.threads
+# float32 (3xTF32, module docstring): float32 tiles take twice the shared memory of
+# 16-bit ones, so the q blocks are halved: D <= 64 32 queries (77 KiB: two CTAs per
+# SM), D = 128 16 queries (104 KiB: two CTAs per SM; 32 queries would take 141 KiB, one
+# CTA). K/V fragments are always re-read (KREG must be 0: a split fragment is two
+# registers). bench/NOTES.md (G11) has the ptxas evidence. Tuning knob:
+# ATTN_GPU_TF32_BWD_CONFIG, same format.
+_TF32_TILES = Tiles(Config, {64: Config(4, 32, False), 128: Config(4, 16, False)},
+                    Config(2, 16, False), "ATTN_GPU_TF32_BWD_CONFIG")
 
 
-def tile(D: int, Dv: int) -> tuple[int, int]:
+def config(D: int, Dv: int, kind: str = "bf16"):
+    return (_TF32_TILES if kind == "f32" else _TILES).config(D, Dv)
+
+
+def threads(D: int, Dv: int, kind: str = "bf16") -> int:
+    return 32 * config(D, Dv, kind).NW
+
+
+def tile(D: int, Dv: int, kind: str = "bf16") -> tuple[int, int]:
     """(queries per q block, keys per kv block) of the kernel for head dims D, Dv: the
     tile of its transposed block lists."""
-    c = config(D, Dv)
+    c = config(D, Dv, kind)
     return c.BM, 16 * c.NW
 
 
 def reasons(kind: str, D: int, Dv: int) -> list[str]:
     """Why the tensor-core backward cannot run these head dims / dtype (empty if it
     can); the launcher then uses the SIMT dK/dV kernel."""
+    if kind == "f32":
+        r = []
+        if D % 32 or Dv % 32:
+            r.append(f"head dims {D}/{Dv}: the 3xTF32 backward needs D and Dv multiples "
+                     "of 32 (the dim groups of its dK, dV and dQ B fragments)")
+        if max(D, Dv) > MAX_D:
+            r.append(f"head dims above {MAX_D} would not keep the dK/dV accumulators "
+                     "in registers")
+        return r
     return head_dim_reasons(kind, D, Dv, "backward", "the dK/dV accumulators")
 
 
-def _layout(D: int, Dv: int):
-    """Offsets of the shared tiles in 2-byte elements (K, V, two Q and two dO buffers,
-    dS^T; rows padded by 8 elements so ldmatrix rows hit distinct banks) and in float32
-    words (two lse and two delta buffers, the mods' scratch)."""
-    NW, BM, _ = config(D, Dv)
+def _lds(BM: int, kind: str) -> int:
+    # dS^T's leading dimension: 16-bit rows padded by 8 elements (ldmatrix.trans rows on
+    # distinct banks); float32 rows a multiple of 32 words, conflict-free by the XOR
+    # swizzle of _swz instead of padding.
+    return 32 * -(-BM // 32) if kind == "f32" else BM + 8
+
+
+def _layout(D: int, Dv: int, kind: str = "bf16"):
+    """Offsets of the shared tiles in elements (K, V, two Q and two dO buffers, dS^T:
+    2-byte elements, rows padded by 8 so ldmatrix rows hit distinct banks; float32
+    elements, rows padded by 4) and in float32 words (two lse and two delta buffers,
+    the mods' scratch)."""
+    NW, BM, _ = config(D, Dv, kind)
     BN = 16 * NW
-    LDK, LDV, LDS = D + 8, Dv + 8, BM + 8
+    TF32 = kind == "f32"
+    PAD = 4 if TF32 else 8
+    LDK, LDV, LDS = D + PAD, Dv + PAD, _lds(BM, kind)
     lay = {"k": 0, "v": BN * LDK}
     lay["q"] = lay["v"] + BN * LDV
     lay["qsz"] = BM * LDK
@@ -103,17 +159,17 @@ def _layout(D: int, Dv: int):
     lay["osz"] = BM * LDV
     lay["s"] = lay["o"] + 2 * lay["osz"]
     end = lay["s"] + BN * LDS  # even: every leading dimension is
-    lay["l"] = end // 2
+    lay["l"] = end if TF32 else end // 2
     lay["d"] = lay["l"] + 2 * BM
     lay["mf"] = lay["d"] + 2 * BM
     return lay
 
 
-def shared_bytes(D: int, Dv: int, mods: bool = False) -> int:
+def shared_bytes(D: int, Dv: int, mods: bool = False, kind: str = "bf16") -> int:
     """Dynamic shared memory of a CTA (plus the float32 copies of S^T and dP^T per lane
     for calls with mods or attn_mask)."""
-    NW, BM, _ = config(D, Dv)
-    n = 4 * _layout(D, Dv)["mf"]
+    NW, BM, _ = config(D, Dv, kind)
+    n = 4 * _layout(D, Dv, kind)["mf"]
     return n + (4 * 2 * (BM // 2) * 32 * NW if mods else 0)
 
 
@@ -187,6 +243,95 @@ def _pa_product(KQ: int, NJ: int, LD: int, frag_bt2, mma):
 
 
 @lru_cache(maxsize=None)
+def _rows_product_tf32(KD: int, NTS: int, LD: int, frag_a, frag_b2, split, mma3):
+    """3xTF32 _rows_product: KD k-steps of 8 (each fragment split once into tf32 big
+    and small, then three mma per product), A always by ldmatrix."""
+
+    @cuda.jit(device=True, inline=True)
+    def product(scr, sm, offa, af, offb, acc):
+        for kk in range(KD):
+            a0, a1, a2, a3 = frag_a(sm, offa + 8 * kk, LD)
+            ab0, as0 = split(a0)
+            ab1, as1 = split(a1)
+            ab2, as2 = split(a2)
+            ab3, as3 = split(a3)
+            for jp in range(NTS // 2):
+                b0, b1, b2, b3 = frag_b2(sm, offb + 16 * jp * LD + 8 * kk, LD)
+                bb0, bs0 = split(b0)
+                bb1, bs1 = split(b1)
+                bb2, bs2 = split(b2)
+                bb3, bs3 = split(b3)
+                i = 8 * jp
+                acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma3(
+                    scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, bb0, bb1, bs0, bs1,
+                    acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
+                acc[i + 4], acc[i + 5], acc[i + 6], acc[i + 7] = mma3(
+                    scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, bb2, bb3, bs2, bs3,
+                    acc[i + 4], acc[i + 5], acc[i + 6], acc[i + 7])
+
+    return product
+
+
+@lru_cache(maxsize=None)
+def _pa_product_tf32(KQ8: int, NG: int, LD: int, lds4, split, mma3):
+    """3xTF32 acc += A B for one warp: A the 16 x 8*KQ8 float32 C fragments ``x`` of
+    S^T's layout (P^T or dS^T) read as A fragments in 8-query steps with the query
+    order permuted inside a step (A column t = query 2t, t+4 = query 2t+1: a0..a3 =
+    c0, c2, c1, c3), B the row-major (query, dim) tile at ``off`` by 16-byte loads of
+    rows 2t and 2t+1 with the dims permuted inside 32-dim groups (n-tile q of group J
+    holds dims 32J + 4n + q), acc the 16 x 32*NG C fragments in that dim order:
+    dV += P^T dO, dK += dS^T Q (the forward's P.V, module docstring of gpu/_mma.py)."""
+
+    @cuda.jit(device=True, inline=True)
+    def product(scr, sm, off, x, acc):
+        lane = cuda.threadIdx.x & 31
+        g = lane >> 2
+        t = lane & 3
+        for kk in range(KQ8):
+            i = 4 * kk
+            pb0, ps0 = split(x[i])
+            pb1, ps1 = split(x[i + 2])
+            pb2, ps2 = split(x[i + 1])
+            pb3, ps3 = split(x[i + 3])
+            vr = off + (8 * kk + 2 * t) * LD + 4 * g
+            for J in range(NG):
+                v0, v1, v2, v3 = lds4(sm, vr + 32 * J)
+                w0, w1, w2, w3 = lds4(sm, vr + LD + 32 * J)
+                vb0, vs0 = split(v0)
+                vb1, vs1 = split(v1)
+                vb2, vs2 = split(v2)
+                vb3, vs3 = split(v3)
+                wb0, ws0 = split(w0)
+                wb1, ws1 = split(w1)
+                wb2, ws2 = split(w2)
+                wb3, ws3 = split(w3)
+                c = 16 * J
+                acc[c], acc[c + 1], acc[c + 2], acc[c + 3] = mma3(
+                    scr, pb0, pb1, pb2, pb3, ps0, ps1, ps2, ps3, vb0, wb0, vs0, ws0,
+                    acc[c], acc[c + 1], acc[c + 2], acc[c + 3])
+                acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7] = mma3(
+                    scr, pb0, pb1, pb2, pb3, ps0, ps1, ps2, ps3, vb1, wb1, vs1, ws1,
+                    acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7])
+                acc[c + 8], acc[c + 9], acc[c + 10], acc[c + 11] = mma3(
+                    scr, pb0, pb1, pb2, pb3, ps0, ps1, ps2, ps3, vb2, wb2, vs2, ws2,
+                    acc[c + 8], acc[c + 9], acc[c + 10], acc[c + 11])
+                acc[c + 12], acc[c + 13], acc[c + 14], acc[c + 15] = mma3(
+                    scr, pb0, pb1, pb2, pb3, ps0, ps1, ps2, ps3, vb3, wb3, vs3, ws3,
+                    acc[c + 12], acc[c + 13], acc[c + 14], acc[c + 15])
+
+    return product
+
+
+@cuda.jit(device=True, inline=True)
+def _swz(key):
+    """The XOR swizzle of the float32 dS^T tile's columns in key row ``key``: bit 0 of
+    the key into column bit 0, key bits 1-2 into column bits 3-4. The writers (lane g,
+    t: key g, queries 2t+e) and the dQ readers (lane g, t: keys 2t, 2t+1, query g) then
+    both hit 32 distinct banks with rows of a multiple of 32 words."""
+    return (key & 1) | (((key >> 1) & 3) << 3)
+
+
+@lru_cache(maxsize=None)
 def _row_store(ROWS: int, W: int, LD: int, NTH: int):
     """Copy the shared tile at ``off`` (ROWS rows of W elements, leading dimension LD) to
     rows n0.. of the (batch, head) slice at ``base`` of ``out`` (strides s_l, s_d); rows
@@ -214,15 +359,21 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     frag_a, frag_b2, frag_bt2, mma = o_.frag_a, o_.frag_b2, o_.frag_bt2, o_.mma
     pack, exp2, commit, wait_all, wait_one = (o_.pack, o_.exp2, o_.commit, o_.wait_all,
                                               o_.wait_one)
+    split, lds4, mma3 = o_.split, o_.lds4, o_.mma3
     from numba.core import types
 
-    ELT = types.float16 if kind == "f16" else types.int16
+    TF32 = kind == "f32"  # 3xTF32 products (module docstring)
+    ELT = float32 if TF32 else types.float16 if kind == "f16" else types.int16
 
-    NW, BM, KREG = config(D, Dv)
+    NW, BM, KREG = config(D, Dv, kind)
+    if TF32 and KREG:
+        raise ValueError("the 3xTF32 backward re-reads K/V fragments (KREG = 0)")
     BN = 16 * NW
     NTH = 32 * NW
-    LDK, LDV, LDS = D + 8, Dv + 8, BM + 8
-    KD, KDV = D // 16, Dv // 16  # k-steps of S^T (over D) and dP^T (over Dv)
+    KSTEP = 8 if TF32 else 16    # the mma's k
+    PAD = 4 if TF32 else 8       # 16 bytes of padding per shared row
+    LDK, LDV, LDS = D + PAD, Dv + PAD, _lds(BM, kind)
+    KD, KDV = D // KSTEP, Dv // KSTEP  # k-steps of S^T (over D) and dP^T (over Dv)
     NTS = BM // 8                # m16n8 tiles of S^T per warp
     NS = 4 * NTS                 # S^T (and dP^T) registers per lane
     KQ = BM // 16                # k-steps of dV, dK (over the q block's queries)
@@ -232,15 +383,19 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     NVF = 4 * KDV if KREG else 4
     # dQ: warp w takes the 16 queries mq = w % KQ of the q block (its dS fragments
     # are loaded once) and the 16-dim tiles jp = w // KQ + JPW * i.
-    if NW % KQ:
+    if NW % KQ and not TF32:
         raise ValueError(f"{config(D, Dv)}: the warps must be a multiple of the q "
                          f"block's {KQ} 16-query tiles")
-    JPW = NW // KQ               # warps per 16-query tile
+    JPW = max(NW // KQ, 1)       # warps per 16-query tile
     NJP = D // 16                # 16-dim tiles of dQ
     QIT = -(-NJP // JPW)         # ... per warp
     KN = BN // 16                # k-steps of dQ (over the kv block's keys)
     NDA = 4 * KN                 # dS A fragment registers of the dQ tiles
-    lay = _layout(D, Dv)
+    # 3xTF32 dQ: units of 16 queries x 32 dims (four n-tiles, the permuted dim groups),
+    # u = mq + KQ * J, spread over the warps (u = w + NW * i); 8-key k-steps.
+    NU = KQ * (D // 32)
+    UIT = -(-NU // NW)
+    lay = _layout(D, Dv, kind)
     OK, OV, OQ0, QSZ, OO0, OSZ, OS = (lay[n] for n in ("k", "v", "q", "qsz", "o", "osz",
                                                         "s"))
     OL0, OD0, OMF = lay["l"], lay["d"], lay["mf"]
@@ -253,12 +408,18 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
     load_q = _loader(BM, D, LDK, NTH, kind, o_.cp16)
     load_o = _loader(BM, Dv, LDV, NTH, kind, o_.cp16)
-    kq = _rows_product(KD, NTS, LDK, KREG, frag_a, frag_b2, mma)
-    vo = _rows_product(KDV, NTS, LDV, KREG, frag_a, frag_b2, mma)
     store_k = _row_store(BN, D, LDK, NTH)
     store_v = _row_store(BN, Dv, LDV, NTH)
-    pdo = _pa_product(KQ, Dv // 16, LDV, frag_bt2, mma)
-    dsq = _pa_product(KQ, D // 16, LDK, frag_bt2, mma)
+    if TF32:
+        kq = _rows_product_tf32(KD, NTS, LDK, frag_a, frag_b2, split, mma3)
+        vo = _rows_product_tf32(KDV, NTS, LDV, frag_a, frag_b2, split, mma3)
+        pdo = _pa_product_tf32(BM // 8, Dv // 32, LDV, lds4, split, mma3)
+        dsq = _pa_product_tf32(BM // 8, D // 32, LDK, lds4, split, mma3)
+    else:
+        kq = _rows_product(KD, NTS, LDK, KREG, frag_a, frag_b2, mma)
+        vo = _rows_product(KDV, NTS, LDV, KREG, frag_a, frag_b2, mma)
+        pdo = _pa_product(KQ, Dv // 16, LDV, frag_bt2, mma)
+        dsq = _pa_product(KQ, D // 16, LDK, frag_bt2, mma)
 
     @cuda.jit(device=True, inline=True)
     def stage(sm, smf, nb, gi, it, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
@@ -319,7 +480,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         pa = cuda.local.array(NPA, int32)
         dka = cuda.local.array(NK, float32)
         dva = cuda.local.array(NV, float32)
-        dqc = cuda.local.array(8, float32)
+        dqc = cuda.local.array(16 if TF32 else 8, float32)
         da = cuda.local.array(NDA, int32)
 
         sl2 = float32(scale) * LOG2E
@@ -443,56 +604,126 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                     s[idx] = p
                     dp[idx] = p * (dp[idx] - smf[od + col])
 
-            # dV += P^T dO: P^T's accumulators, packed, are the A fragments.
-            for kk in range(KQ):
-                for e in range(4):
-                    pa[4 * kk + e] = pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1])
-            pdo(scr, sm, oo, pa, dva)
-            # dS^T packed: dK's A fragments, and to shared memory for dQ (pair e of
-            # k-step kk sits at key row 8*(e & 1) + g, query 16kk + 8*(e >> 1) + 2t).
-            for kk in range(KQ):
-                for e in range(4):
-                    w2 = pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1])
-                    pa[4 * kk + e] = w2
-                    smi[(OS + (16 * w + g + 8 * (e & 1)) * LDS + 16 * kk + 8 * (e >> 1)
-                         + 2 * t) >> 1] = w2
-            # dK += dS^T Q
-            dsq(scr, sm, oq, pa, dka)
+            if TF32:
+                # 3xTF32: P^T's and dS^T's accumulators are the A fragments as they are
+                # (permuted query order, _pa_product_tf32); dS^T to shared memory for
+                # dQ, one word per element at (key, query ^ _swz(key)): key row
+                # 16w + g + 8*((idx >> 1) & 1), query 8*(idx >> 2) + 2t + (idx & 1).
+                pdo(scr, sm, oo, s, dva)
+                sw = OS + (16 * w + g) * LDS
+                zg = _swz(g)  # the swizzle of rows g and g + 8 (16w + 8h: bits >= 3)
+                for idx in range(NS):
+                    smf[sw + 8 * ((idx >> 1) & 1) * LDS
+                        + ((8 * (idx >> 2) + 2 * t + (idx & 1)) ^ zg)] = dp[idx]
+                dsq(scr, sm, oq, dp, dka)
+            else:
+                # dV += P^T dO: P^T's accumulators, packed, are the A fragments.
+                for kk in range(KQ):
+                    for e in range(4):
+                        pa[4 * kk + e] = pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1])
+                pdo(scr, sm, oo, pa, dva)
+                # dS^T packed: dK's A fragments, and to shared memory for dQ (pair e of
+                # k-step kk sits at key row 8*(e & 1) + g, query 16kk + 8*(e >> 1) + 2t).
+                for kk in range(KQ):
+                    for e in range(4):
+                        w2 = pack(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1])
+                        pa[4 * kk + e] = w2
+                        smi[(OS + (16 * w + g + 8 * (e & 1)) * LDS + 16 * kk + 8 * (e >> 1)
+                             + 2 * t) >> 1] = w2
+                # dK += dS^T Q
+                dsq(scr, sm, oq, pa, dka)
             # Barrier: dS^T of every warp is in shared memory (and every warp is done
             # with this Q/dO buffer and its lse/delta, which the next iteration's
             # copies may overwrite).
             cuda.syncthreads()
 
-            # dQ += scale * dS K: 16x16 tiles (query tile mq, dims 16jp..) over warps.
-            # A = dS (queries x keys) from the transposed (key, query) tile: frag_bt2's
-            # matrices in the order 0, 2, 1, 3.
             rbase = (b * Hq + h) * Lq
-            mq = w % KQ
-            for kk in range(KN):
-                da[4 * kk], da[4 * kk + 2], da[4 * kk + 1], da[4 * kk + 3] = frag_bt2(
-                    sm, OS + 16 * kk * LDS + 16 * mq, LDS)
-            for ii in range(QIT):
-                jp = w // KQ + JPW * ii
-                valid = NJP % JPW == 0 or jp < NJP
-                if not valid:
-                    jp = 0  # same mma count in every warp (the simulator's barriers)
-                for e in range(8):
-                    dqc[e] = ZERO
+            if TF32:
+                # dQ += scale * dS K, 3xTF32: unit u = (16 queries mq, 32 dims J) per
+                # warp and pass, 8-key k-steps with the key order permuted inside a step
+                # (A column t = key 2t, t+4 = key 2t+1) so that K's B fragments are
+                # 16-byte loads of rows 2t, 2t+1 (dims 32J + 4g.., as in dK/dV); A = dS
+                # by scalar loads of the swizzled dS^T tile (key rows 2t, 2t+1: swizzle
+                # 8t and 8t + 1).
+                for ii in range(UIT):
+                    u = w + NW * ii
+                    valid = NU % NW == 0 or u < NU
+                    if not valid:
+                        u = 0  # same mma count in every warp (the simulator's barriers)
+                    J = u // KQ
+                    qc = 16 * (u - J * KQ) + g
+                    for e in range(16):
+                        dqc[e] = ZERO
+                    for kk in range(BN // 8):
+                        ra = OS + (8 * kk + 2 * t) * LDS
+                        a0, a2 = smf[ra + (qc ^ (8 * t))], smf[ra + LDS + (qc ^ (8 * t + 1))]
+                        a1 = smf[ra + ((qc + 8) ^ (8 * t))]
+                        a3 = smf[ra + LDS + ((qc + 8) ^ (8 * t + 1))]
+                        ab0, as0 = split(a0)
+                        ab1, as1 = split(a1)
+                        ab2, as2 = split(a2)
+                        ab3, as3 = split(a3)
+                        kr = OK + (8 * kk + 2 * t) * LDK + 32 * J + 4 * g
+                        v0, v1, v2, v3 = lds4(sm, kr)
+                        w0, w1, w2, w3 = lds4(sm, kr + LDK)
+                        vb0, vs0 = split(v0)
+                        vb1, vs1 = split(v1)
+                        vb2, vs2 = split(v2)
+                        vb3, vs3 = split(v3)
+                        wb0, ws0 = split(w0)
+                        wb1, ws1 = split(w1)
+                        wb2, ws2 = split(w2)
+                        wb3, ws3 = split(w3)
+                        dqc[0], dqc[1], dqc[2], dqc[3] = mma3(
+                            scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, vb0, wb0, vs0, ws0,
+                            dqc[0], dqc[1], dqc[2], dqc[3])
+                        dqc[4], dqc[5], dqc[6], dqc[7] = mma3(
+                            scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, vb1, wb1, vs1, ws1,
+                            dqc[4], dqc[5], dqc[6], dqc[7])
+                        dqc[8], dqc[9], dqc[10], dqc[11] = mma3(
+                            scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, vb2, wb2, vs2, ws2,
+                            dqc[8], dqc[9], dqc[10], dqc[11])
+                        dqc[12], dqc[13], dqc[14], dqc[15] = mma3(
+                            scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, vb3, wb3, vs3, ws3,
+                            dqc[12], dqc[13], dqc[14], dqc[15])
+                    if valid:
+                        # register e: n-tile e >> 2 (dims 32J + 4n + (e >> 2)), column
+                        # n = 2t + (e & 1), query row g + 8*((e >> 1) & 1)
+                        for e in range(16):
+                            qm = m0 + qc + 8 * ((e >> 1) & 1)
+                            if qm < Lq:
+                                d = 32 * J + 8 * t + 4 * (e & 1) + (e >> 2)
+                                cuda.atomic.add(dqa, (rbase + qm) * D + d, dqc[e] * sc)
+            else:
+                # dQ += scale * dS K: 16x16 tiles (query tile mq, dims 16jp..) over warps.
+                # A = dS (queries x keys) from the transposed (key, query) tile: frag_bt2's
+                # matrices in the order 0, 2, 1, 3.
+                mq = w % KQ
                 for kk in range(KN):
-                    a = 4 * kk
-                    b0, b1, b2, b3 = frag_bt2(sm, OK + 16 * kk * LDK + 16 * jp, LDK)
-                    dqc[0], dqc[1], dqc[2], dqc[3] = mma(
-                        scr, da[a], da[a + 1], da[a + 2], da[a + 3], b0, b1,
-                        dqc[0], dqc[1], dqc[2], dqc[3])
-                    dqc[4], dqc[5], dqc[6], dqc[7] = mma(
-                        scr, da[a], da[a + 1], da[a + 2], da[a + 3], b2, b3,
-                        dqc[4], dqc[5], dqc[6], dqc[7])
-                if valid:
+                    da[4 * kk], da[4 * kk + 2], da[4 * kk + 1], da[4 * kk + 3] = frag_bt2(
+                        sm, OS + 16 * kk * LDS + 16 * mq, LDS)
+                for ii in range(QIT):
+                    jp = w // KQ + JPW * ii
+                    valid = NJP % JPW == 0 or jp < NJP
+                    if not valid:
+                        jp = 0  # same mma count in every warp (the simulator's barriers)
                     for e in range(8):
-                        qm = m0 + 16 * mq + g + 8 * ((e >> 1) & 1)
-                        if qm < Lq:
-                            d = 16 * jp + 8 * (e >> 2) + 2 * t + (e & 1)
-                            cuda.atomic.add(dqa, (rbase + qm) * D + d, dqc[e] * sc)
+                        dqc[e] = ZERO
+                    for kk in range(KN):
+                        a = 4 * kk
+                        b0, b1, b2, b3 = frag_bt2(sm, OK + 16 * kk * LDK + 16 * jp, LDK)
+                        dqc[0], dqc[1], dqc[2], dqc[3] = mma(
+                            scr, da[a], da[a + 1], da[a + 2], da[a + 3], b0, b1,
+                            dqc[0], dqc[1], dqc[2], dqc[3])
+                        dqc[4], dqc[5], dqc[6], dqc[7] = mma(
+                            scr, da[a], da[a + 1], da[a + 2], da[a + 3], b2, b3,
+                            dqc[4], dqc[5], dqc[6], dqc[7])
+                    if valid:
+                        for e in range(8):
+                            qm = m0 + 16 * mq + g + 8 * ((e >> 1) & 1)
+                            if qm < Lq:
+                                d = 16 * jp + 8 * (e >> 2) + 2 * t + (e & 1)
+                                cuda.atomic.add(dqa, (rbase + qm) * D + d, dqc[e] * sc)
             gi = ngi
             it = nit
             buf = 1 - buf
@@ -504,12 +735,24 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         # bodies, so dka/dva stay in registers. Register pair idx, idx+1: key row
         # 16w + g + 8*((idx >> 1) & 1), dims 8*(idx >> 2) + 2t, +1.
         cuda.syncthreads()  # every warp is done reading K (dQ of the last q block)
-        for idx in range(0, NK, 2):
-            smi[(OKW + (g + 8 * ((idx >> 1) & 1)) * LDK + 8 * (idx >> 2) + 2 * t) >> 1] = \
-                pack(dka[idx] * sc, dka[idx + 1] * sc)
-        for idx in range(0, NV, 2):
-            smi[(OVW + (g + 8 * ((idx >> 1) & 1)) * LDV + 8 * (idx >> 2) + 2 * t) >> 1] = \
-                pack(dva[idx], dva[idx + 1])
+        if TF32:
+            # One word per register: key row 16w + g + 8*((idx >> 1) & 1), n-tile
+            # j = idx >> 2, column n = 2t + (idx & 1): dim 32(j >> 2) + 4n + (j & 3).
+            for idx in range(NK):
+                j = idx >> 2
+                sm[OKW + (g + 8 * ((idx >> 1) & 1)) * LDK + 32 * (j >> 2) + 8 * t
+                   + 4 * (idx & 1) + (j & 3)] = dka[idx] * sc
+            for idx in range(NV):
+                j = idx >> 2
+                sm[OVW + (g + 8 * ((idx >> 1) & 1)) * LDV + 32 * (j >> 2) + 8 * t
+                   + 4 * (idx & 1) + (j & 3)] = dva[idx]
+        else:
+            for idx in range(0, NK, 2):
+                smi[(OKW + (g + 8 * ((idx >> 1) & 1)) * LDK + 8 * (idx >> 2) + 2 * t) >> 1] = \
+                    pack(dka[idx] * sc, dka[idx + 1] * sc)
+            for idx in range(0, NV, 2):
+                smi[(OVW + (g + 8 * ((idx >> 1) & 1)) * LDV + 8 * (idx >> 2) + 2 * t) >> 1] = \
+                    pack(dva[idx], dva[idx + 1])
         cuda.syncthreads()
         store_k(dk, b * dks_b + hk * dks_h, dks_l, dks_d, sm, OK, n0, Lk, tid)
         store_v(dv, b * dvs_b + hk * dvs_h, dvs_l, dvs_d, sm, OV, n0, Lk, tid)

@@ -43,13 +43,15 @@ def make_mask(kind, B, Lq, Lk, dtype, g):
 """
 
 
-def run_script(body: str, timeout: int, unset=()) -> str:
-    """Run PRELUDE + body in a child process with the simulator on (and the variables
-    ``unset`` removed from its environment); assert it succeeded and printed "OK";
-    return its stdout."""
+def run_script(body: str, timeout: int, unset=(), env=None) -> str:
+    """Run PRELUDE + body in a child process with the simulator on (the variables
+    ``unset`` removed from its environment, those of ``env`` set); assert it succeeded
+    and printed "OK"; return its stdout."""
+    extra = env or {}
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     for name in unset:
         env.pop(name, None)
+    env.update(extra)
     r = subprocess.run(
         [sys.executable, "-c", PRELUDE + body, str(ROOT)], env=env, cwd=str(ROOT),
         capture_output=True, text=True, timeout=timeout,
