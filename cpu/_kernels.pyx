@@ -406,22 +406,23 @@ cdef inline int visible_keys(real *dummy, Problem *p, long b, long h, int q0, in
 
 cdef inline void scores_rows(real *dummy, Problem *p, long b, long h, int q0, int mq,
                              int k0, int nk, int mode, long long diag, const real *Qt,
-                             real *St, long lds, const real *Kr, long ldk, real *G,
-                             const real *Msel) noexcept nogil:
+                             real *St, long lds, int nc, const real *Kr, long ldk,
+                             real *G, const real *Msel) noexcept nogil:
     """S^T (keys x queries, leading dimension lds; G likewise) of the nk keys from k0,
     whose rows (padded to Dp) are Kr / ldk, against a q block whose Q^T, times the
-    softmax scale, is Qt; score_mod, then the mask: Msel (the evaluated mask_mod rows
-    of these keys, leading dimension BMp) when given, else as `mode` says."""
+    softmax scale, is Qt; the first nc (a multiple of ATTN_PAD, >= mq) query columns;
+    score_mod, then the mask: Msel (the evaluated mask_mod rows of these keys, leading
+    dimension BMp) when given, else as `mode` says."""
     # Broadcast K, vectors of Q^T.
-    gemm(nk, p.BMp, p.D, Kr, ldk, 1, Qt, p.BMp, St, lds, 0)
+    gemm(nk, nc, p.D, Kr, ldk, 1, Qt, p.BMp, St, lds, 0)
     if p.mod_score != NULL:
         apply_score_mod(dummy, p, St, G, lds, 0, b, h, q0, mq, k0, nk)
     if Msel != NULL:
         # The mask as evaluated: hidden elements become -inf, whatever score_mod gave.
         if real is float:
-            mask_select_float(nk, p.BMp, St, lds, Msel, p.BMp)
+            mask_select_float(nk, nc, St, lds, Msel, p.BMp)
         else:
-            mask_select_double(nk, p.BMp, St, lds, Msel, p.BMp)
+            mask_select_double(nk, nc, St, lds, Msel, p.BMp)
     else:
         mask_pair(dummy, p, St, lds, 0, b, h, q0, mq, k0, nk, mode, diag)
 
@@ -443,8 +444,8 @@ cdef inline int scores_t(real *dummy, Problem *p, long b, long h, long hk, int q
     k0[0] += lo
     nk = hi - lo
     Kr[0] = rows_or_pack(dummy, &p.k, b, hk, k0[0], nk, p.D, p.Dp, Ks, ldk)
-    scores_rows(dummy, p, b, h, q0, mq, k0[0], nk, mode, diag, Qt, St, p.BMp, Kr[0],
-                ldk[0], G, Mt + <size_t>lo * p.BMp if pre else NULL)
+    scores_rows(dummy, p, b, h, q0, mq, k0[0], nk, mode, diag, Qt, St, p.BMp, p.BMp,
+                Kr[0], ldk[0], G, Mt + <size_t>lo * p.BMp if pre else NULL)
     return nk
 
 
@@ -646,8 +647,12 @@ cdef inline void fwd_step(real *dummy, Problem *p, long b, long h, long hk, int 
                           real *scratch, KVCache *c) noexcept nogil:
     """One kv tile (k0, nk) of one q tile's online softmax: scores of the keys some
     query of the tile sees (visible_keys; the dQ pass's scores_t keeps the same rows),
-    new maxima and sums, acc rescaled and P V added."""
+    new maxima and sums, acc rescaled and P V added. Only the first pad(mq) query
+    columns are computed: a short last q tile (a sequence's, or L not a multiple of
+    BLOCK_M) leaves the rest out, whose columns no output reads; every column is
+    computed on its own, so the kept ones are bitwise unchanged."""
     cdef int BMp = p.BMp
+    cdef int nc = pad(mq)
     cdef int lds = fwd_lds(p)
     cdef real *St = scratch
     cdef real *Mt = St + <size_t>p.BN * lds
@@ -667,12 +672,12 @@ cdef inline void fwd_step(real *dummy, Problem *p, long b, long h, long hk, int 
         return
     n = hi - lo
     Kr = fwd_kv(dummy, p, 0, b, hk, k0, nk, c, scratch, &ldk)
-    scores_rows(dummy, p, b, h, q0, mq, k0 + lo, n, mode, diag, Qt, St, lds,
+    scores_rows(dummy, p, b, h, q0, mq, k0 + lo, n, mode, diag, Qt, St, lds, nc,
                 Kr + lo * ldk, ldk, NULL, Mt + <size_t>lo * BMp if pre else NULL)
     if real is float:
-        softmax_cols_f32(n, BMp, St, lds, m_i, l_i, alpha)
+        softmax_cols_f32(n, nc, St, lds, m_i, l_i, alpha)
     else:
-        softmax_cols_f64(n, BMp, St, lds, m_i, l_i, alpha)
+        softmax_cols_f64(n, nc, St, lds, m_i, l_i, alpha)
     Vr = fwd_kv(dummy, p, 1, b, hk, k0, nk, c, scratch, &ldv)
     # acc (queries x Dv) = alpha * acc + P V, P read as the transpose of the S^T tile;
     # the rescale by alpha happens as the product loads acc.
