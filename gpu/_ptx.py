@@ -55,13 +55,24 @@ from ._cuda import SIM, cuda, float32, int32
 __all__ = ["ops", "gaddr", "SCRATCH_WORDS"]
 
 
+# Per warp in the simulator: the A and B of one product (16x16 + 16x8 words; the
+# 3xTF32 stand-in's big and small halves of a 16x8 A and an 8x8 B take the same), a
+# second such buffer (mma3 alternates between the two: one barrier per call), and the
+# four-lane reductions' 32 words.
+_MMA_WORDS = 16 * 16 + 16 * 8
+_WARP_WORDS = 2 * _MMA_WORDS + 32
+
+
 def SCRATCH_WORDS(nwarps: int) -> int:
     """float32 words of static shared scratch the stand-ins need (1 on the GPU)."""
-    return nwarps * (16 * 16 + 16 * 8 + 32) if SIM else 1
+    return nwarps * _WARP_WORDS if SIM else 1
 
 
 if SIM:
     # ------------------------------------------------------------ simulator stand-ins --
+    import struct as _struct
+    import threading as _threading
+
     def _unpacker(kind):
         if kind == "bf16":
             def unpack(v):
@@ -115,7 +126,7 @@ if SIM:
     def _tf32(b):
         # What the tensor core reads of a tf32 operand register: sign, exponent and
         # the leading 10 mantissa bits (the low 13 bits are ignored).
-        return float(_from_bits(int(b) & ~0x1FFF))
+        return _struct.unpack("<f", _struct.pack("<I", int(b) & 0xFFFFE000))[0]
 
     def _tf32_ops():
         @cuda.jit(device=True)
@@ -153,13 +164,19 @@ if SIM:
         @cuda.jit(device=True)
         def mma3(scr, ab0, ab1, ab2, ab3, as0, as1, as2, as3, bb0, bb1, bs0, bs1,
                  c0, c1, c2, c3):
-            # One stand-in for the three m16n8k8 products (one barrier pair instead of
-            # three): C + As*Bb + Ab*Bs + Ab*Bb, each operand read as the tensor core
-            # reads it.
+            # One stand-in for the three m16n8k8 products: C + As*Bb + Ab*Bs + Ab*Bb,
+            # each operand read as the tensor core reads it. Calls alternate between
+            # the warp's two buffers (the parity kept on the simulator's thread), so
+            # one barrier per call is enough: a lane can write this buffer again two
+            # calls later only after every lane has passed the next call's barrier,
+            # i.e. has finished reading it here.
             tid = cuda.threadIdx.x
             lane = tid & 31
             g, t = lane >> 2, lane & 3
-            A = (tid >> 5) * (16 * 16 + 16 * 8 + 32)
+            th = _threading.current_thread()
+            par = getattr(th, "_attn_mma3_parity", 0)
+            th._attn_mma3_parity = 1 - par
+            A = (tid >> 5) * _WARP_WORDS + par * _MMA_WORDS
             AS = A + 16 * 8
             B = A + 16 * 16
             BS = B + 8 * 8
@@ -171,19 +188,15 @@ if SIM:
                 scr[B + k * 8 + g] = _tf32(rb)
                 scr[BS + k * 8 + g] = _tf32(rs)
             cuda.syncthreads()
-            d = [c0, c1, c2, c3]
-            for e in range(4):
-                r = g + 8 * (e >> 1)
-                n = 2 * t + (e & 1)
-                s = 0.0
-                for k in range(8):
-                    ab = float(scr[A + r * 8 + k])
-                    bb = float(scr[B + k * 8 + n])
-                    s += (float(scr[AS + r * 8 + k]) * bb + ab * float(scr[BS + k * 8 + n])
-                          + ab * bb)
-                d[e] = np.float32(d[e] + s)
-            cuda.syncthreads()
-            return d[0], d[1], d[2], d[3]
+            rows = (g, g, g + 8, g + 8)
+            cols = (2 * t, 2 * t + 1, 2 * t, 2 * t + 1)
+            ab = scr[A:A + 128].astype(np.float64).reshape(16, 8)[rows, :]
+            as_ = scr[AS:AS + 128].astype(np.float64).reshape(16, 8)[rows, :]
+            bb = scr[B:B + 64].astype(np.float64).reshape(8, 8)[:, cols].T
+            bs = scr[BS:BS + 64].astype(np.float64).reshape(8, 8)[:, cols].T
+            s = (as_ * bb + ab * bs + ab * bb).sum(axis=1)
+            return (np.float32(c0 + s[0]), np.float32(c1 + s[1]), np.float32(c2 + s[2]),
+                    np.float32(c3 + s[3]))
 
         @cuda.jit(device=True)
         def cp16(sm, sidx, a, gidx, ok):
@@ -240,7 +253,7 @@ if SIM:
             tid = cuda.threadIdx.x
             lane = tid & 31
             g, t = lane >> 2, lane & 3
-            A = (tid >> 5) * (16 * 16 + 16 * 8 + 32)
+            A = (tid >> 5) * _WARP_WORDS
             B = A + 16 * 16
             # Each lane scatters its registers into the warp's A (16x16) and B (16x8).
             for reg, (r, c) in zip((a0, a1, a2, a3), ((g, 2 * t), (g + 8, 2 * t),
@@ -267,7 +280,7 @@ if SIM:
         @cuda.jit(device=True)
         def _quad(scr, x, is_max):
             tid = cuda.threadIdx.x
-            Q = (tid >> 5) * (16 * 16 + 16 * 8 + 32) + 16 * 16 + 16 * 8
+            Q = (tid >> 5) * _WARP_WORDS + 2 * _MMA_WORDS
             lane = tid & 31
             scr[Q + lane] = x
             cuda.syncthreads()
