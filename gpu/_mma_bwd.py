@@ -75,7 +75,7 @@ import numpy as np
 
 from ._cuda import cuda, float32, int32
 from ._kernels import _block_at, _hooks
-from ._mma import (LOG2E, MAX_D, NEG_INF, ONE, ZERO, _JIT, Tiles, _loader,
+from ._mma import (LOG2E, MASK_REGS, MAX_D, NEG_INF, ONE, ZERO, _JIT, Tiles, _loader,
                    head_dim_reasons, vec_ok)
 from ._ptx import SCRATCH_WORDS, ops
 
@@ -401,9 +401,28 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     OL0, OD0, OMF = lay["l"], lay["d"], lay["mf"]
     SCR = SCRATCH_WORDS(NW)
     # Full blocks of a mask-only call need no per-element work (FlexAttention's
-    # full/partial split): only score_mod, or a partial block's masks, take the
-    # shared-memory path, the rest the register path of dense calls.
+    # full/partial split): only score_mod, or a partial block's attn_mask (or mask_mod
+    # when MASKREG is off), take the shared-memory path; the rest the register path.
     MASKS = MASK or MASKMOD
+    # mask_mod alone on a partial block: as in the forward (gpu/_mma.py MASKREG), a
+    # rolled loop per key row of the lane evaluates the mask into a bit set of its NCB
+    # query columns, and the unrolled P^T/dS^T loop applies the bits with a select.
+    NCB = NS // 2
+    MASKREG = MASK_REGS and MASKMOD and not SCORE and not MASK and NCB <= 32
+
+    @cuda.jit(device=True, inline=True)
+    def key_bits(b, h, kn, c0, Lq, Lk, x0, x1, x2, x3):
+        bits = 0
+        for j in range(NCB):
+            qm = c0 + 8 * (j >> 1) + (j & 1)
+            ok = kn < Lk
+            if CAUSAL:
+                ok = ok and kn <= qm
+            if ok and qm < Lq:
+                ok = mask_fn(b, h, qm, kn, x0, x1, x2, x3)
+            if ok:
+                bits |= 1 << j
+        return int32(bits)
     load_k = _loader(BN, D, LDK, NTH, kind, o_.cp16)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
     load_q = _loader(BM, D, LDK, NTH, kind, o_.cp16)
@@ -477,6 +496,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         vf = cuda.local.array(NVF, int32)
         s = cuda.local.array(NS, float32)
         dp = cuda.local.array(NS, float32)
+        kbits = cuda.local.array(2, int32)
         pa = cuda.local.array(NPA, int32)
         dka = cuda.local.array(NK, float32)
         dva = cuda.local.array(NV, float32)
@@ -551,7 +571,21 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
 
             # P^T and dS^T. Register idx of S^T belongs to key row kr0 + 8*((idx >> 1)
             # & 1) and query column 8*(idx >> 2) + 2t + (idx & 1) of the block.
-            if SCORE or (MASKS and partial):
+            if MASKREG and partial:
+                kbits[0] = key_bits(b, h, kr0, m0 + 2 * t, Lq, Lk, x0, x1, x2, x3)
+                kbits[1] = key_bits(b, h, kr0 + 8, m0 + 2 * t, Lq, Lk, x0, x1, x2, x3)
+                for idx in range(NS):
+                    col = 8 * (idx >> 2) + 2 * t + (idx & 1)
+                    hi = (idx >> 1) & 1
+                    x = s[idx] * sl2 + (rb1 if hi else rb0) - smf[ol + col]
+                    bit = (kbits[hi] >> (2 * (idx >> 2) + (idx & 1))) & 1
+                    # A select, not a branch (a branch leaves the loop rolled); a
+                    # hidden element's exponent may overflow, the select drops it.
+                    p = exp2(x)
+                    p = p if bit != 0 else ZERO
+                    s[idx] = p
+                    dp[idx] = p * (dp[idx] - smf[od + col])
+            elif SCORE or (MASKS and partial):
                 for idx in range(NS):
                     smf[OMF + idx * NTH + tid] = s[idx] * sc
                     smf[OMF + (NS + idx) * NTH + tid] = dp[idx]
