@@ -179,18 +179,24 @@ cdef inline const real *rows_or_pack(real *dummy, Tensor4 *t, long b, long h, lo
                                      long *ld) noexcept nogil:
     """Rows l0..l0+n of a (b, h) slice as a row-major matrix with padded width.
 
-    Returns the tensor's own memory when its rows are contiguous and the width is
-    already a multiple of ATTN_PAD (the common case: no copy); otherwise copies the
-    rows into scratch, zero-filling the padding columns and the rows n..BLOCK so a
-    GEMM that reads a full block sees zeros rather than stale data."""
+    Returns the tensor's own memory when its rows are already that (adjacent rows,
+    width a multiple of ATTN_PAD: the common case, no copy); otherwise copies the rows
+    into scratch, zero-filling the padding columns. Rows further apart (varlen's packed
+    (tokens, heads, D), a transposed view) are copied too: a GEMM that streams them as
+    its B operand would otherwise read rows 1 KiB apart, which share a sixteenth of
+    L1's sets (bench/NOTES.md C1)."""
     cdef real *src = row_ptr(dummy, t, b, h, l0)
     cdef int r, c
-    if t.s[3] == 1 and width == width_p:
+    if t.s[3] == 1 and width == width_p and t.s[2] == width_p:
         ld[0] = t.s[2]
         return src
     for r in range(n):
-        for c in range(width):
-            scratch[r * width_p + c] = src[r * t.s[2] + c * t.s[3]]
+        if t.s[3] == 1:
+            memcpy(scratch + <size_t>r * width_p, src + r * t.s[2],
+                   <size_t>width * sizeof(real))
+        else:
+            for c in range(width):
+                scratch[r * width_p + c] = src[r * t.s[2] + c * t.s[3]]
         for c in range(width, width_p):
             scratch[r * width_p + c] = 0
     ld[0] = width_p
