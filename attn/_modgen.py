@@ -68,6 +68,7 @@ import sys
 import tempfile
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1808,6 +1809,23 @@ def _cache_dir() -> str | None:
 _MODULES: dict = {}
 
 
+@contextmanager
+def _torch_thread_count():
+    """Run a parallel Numba driver on PyTorch's thread count, and leave that count as it
+    was: Numba's OpenMP layer sets the process-wide OpenMP thread count when it starts,
+    which PyTorch reads, so without this a ``torch.set_num_threads(1)`` before
+    ``create_block_mask`` silently became the machine's core count for every later call."""
+    import numba
+
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def _cpu_module(compiled: CompiledMod, dtype: torch.dtype):
     mk = (compiled.key, dtype)
     m = _MODULES.get(mk)
@@ -1934,7 +1952,9 @@ def block_classes(compiled_mask: CompiledMod, B: int, H: int, Lq: int, Lk: int,
             full[...] = True
         else:
             m = _cpu_module(compiled_mask, torch.float32)
-            m.block_classes(B, H, Lq, Lk, BQ, BKV, full, part, *buffer_arrays(compiled_mask))
+            with _torch_thread_count():
+                m.block_classes(B, H, Lq, Lk, BQ, BKV, full, part,
+                                *buffer_arrays(compiled_mask))
     return torch.from_numpy(full), torch.from_numpy(part)
 
 
@@ -1949,5 +1969,6 @@ def dense_mask(compiled_mask: CompiledMod, B: int, H: int, Lq: int, Lk: int):
             out[...] = True
         else:
             m = _cpu_module(compiled_mask, torch.float32)
-            m.dense_mask(B, H, Lq, Lk, out, *buffer_arrays(compiled_mask))
+            with _torch_thread_count():
+                m.dense_mask(B, H, Lq, Lk, out, *buffer_arrays(compiled_mask))
     return torch.from_numpy(out)

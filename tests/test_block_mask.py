@@ -833,3 +833,24 @@ def test_kernel_lists_split_kv_blocks(BM, BN):
         assert torch.equal(blocks(num, idx), want)
     got_q = blocks(kl.q_num_blocks, kl.q_indices)
     assert torch.equal(got_q, expand(blocks(bm.kv_num_blocks, bm.kv_indices)).transpose(-2, -1))
+
+
+def test_create_block_mask_keeps_torch_thread_count():
+    # Numba's OpenMP layer sets the process-wide OpenMP thread count when it first runs,
+    # which PyTorch reads back: a fresh process, so that the layer starts here.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, attn\n"
+        "from attn import mods\n"
+        "torch.set_num_threads(1)\n"
+        "docs = mods.document_mask(torch.tensor([0, 100, 256]))\n"
+        "attn.create_block_mask(docs, 1, 1, 256, 256)\n"
+        "attn.create_mask(docs, 1, 1, 256, 256)\n"
+        "print('threads', torch.get_num_threads())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "threads 1" in r.stdout, r.stdout
