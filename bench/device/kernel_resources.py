@@ -14,16 +14,7 @@ import attn  # noqa: E402
 attn.__path__.append(str(ROOT))
 from attn import gpu, mods  # noqa: E402
 from attn.gpu import _cuda  # noqa: E402
-
-
-def _attr(kern, name):
-    # Numba exposes these as attributes or get_ methods depending on the version.
-    v = getattr(kern, name, None)
-    if callable(v):
-        v = v()
-    if v is None and callable(getattr(kern, "get_" + name, None)):
-        v = getattr(kern, "get_" + name)()
-    return v
+from attn.profile import _kattr  # noqa: E402  (Numba's attribute-or-method query)
 
 
 def main():
@@ -52,8 +43,8 @@ def main():
                 rows.append({
                     "call": name, "D": D,
                     "kernel": getattr(getattr(kern, "py_func", None), "__qualname__", "?"),
-                    "registers": _attr(kern, "regs_per_thread"),
-                    "local_bytes": _attr(kern, "local_mem_per_thread"),
+                    "registers": _kattr(kern, "regs_per_thread"),
+                    "local_bytes": _kattr(kern, "local_mem_per_thread"),
                     "dynamic_shared_bytes": p.shmem,
                 })
     for r in rows:
