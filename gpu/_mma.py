@@ -250,6 +250,32 @@ def vec_ok(a, base, s_l, s_d):
     return s_d == 1 and (s_l & 7) == 0 and (gaddr(a, base) & 15) == 0
 
 
+def mask_bits(mask_fn, CAUSAL: bool, NCB: int, KEYS_ALONG: bool):
+    """The device function of the kernels' bit-set mask path (forward and backward
+    MASKREG): the mask of one lane index ``fixed`` (a query row when KEYS_ALONG, else a
+    key row) against the lane's NCB indices of the other kind, c0 + 8*(j >> 1) + (j & 1),
+    as bit j of an int32. Keys past Lk and (CAUSAL) keys after the query are hidden;
+    mask_mod is asked only for queries below Lq."""
+
+    @cuda.jit(device=True, inline=True)
+    def bits_of(b, h, fixed, c0, Lq, Lk, x0, x1, x2, x3):
+        bits = 0
+        for j in range(NCB):
+            other = c0 + 8 * (j >> 1) + (j & 1)
+            qm = fixed if KEYS_ALONG else other
+            kn = other if KEYS_ALONG else fixed
+            ok = kn < Lk
+            if CAUSAL:
+                ok = ok and kn <= qm
+            if ok and qm < Lq:
+                ok = mask_fn(b, h, qm, kn, x0, x1, x2, x3)
+            if ok:
+                bits |= 1 << j
+        return int32(bits)
+
+    return bits_of
+
+
 @lru_cache(maxsize=None)
 def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None):
     """The tensor-core forward for one specialisation; same arguments as
@@ -302,19 +328,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     NCB = NS // 2  # columns of a row slot per lane and block
     MASKREG = MASK_REGS and MASKMOD and not SCORE and not MASK and MT <= 2 and NCB <= 32
 
-    @cuda.jit(device=True, inline=True)
-    def row_bits(b, h, row, c0, Lq, Lk, x0, x1, x2, x3):
-        bits = 0
-        for j in range(NCB):
-            col = c0 + 8 * (j >> 1) + (j & 1)
-            ok = col < Lk
-            if CAUSAL:
-                ok = ok and col <= row
-            if ok and row < Lq:
-                ok = mask_fn(b, h, row, col, x0, x1, x2, x3)
-            if ok:
-                bits |= 1 << j
-        return int32(bits)
+    row_bits = mask_bits(mask_fn, CAUSAL, NCB, True)
     # float32 offset of the mods' S scratch (16-bit tiles: two elements per word)
     OMF = OV0 + 2 * VSZ if TF32 else (OV0 + 2 * VSZ) // 2
     load_q = _loader(BM, D, LDQ, NTH, kind, o_.cp16)

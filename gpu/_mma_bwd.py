@@ -76,7 +76,7 @@ import numpy as np
 from ._cuda import cuda, float32, int32
 from ._kernels import _block_at, _hooks
 from ._mma import (LOG2E, MASK_REGS, MAX_D, NEG_INF, ONE, ZERO, _JIT, Tiles, _loader,
-                   head_dim_reasons, vec_ok)
+                   head_dim_reasons, mask_bits, vec_ok)
 from ._ptx import SCRATCH_WORDS, ops
 
 __all__ = ["dkdv_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
@@ -410,19 +410,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     NCB = NS // 2
     MASKREG = MASK_REGS and MASKMOD and not SCORE and not MASK and NCB <= 32
 
-    @cuda.jit(device=True, inline=True)
-    def key_bits(b, h, kn, c0, Lq, Lk, x0, x1, x2, x3):
-        bits = 0
-        for j in range(NCB):
-            qm = c0 + 8 * (j >> 1) + (j & 1)
-            ok = kn < Lk
-            if CAUSAL:
-                ok = ok and kn <= qm
-            if ok and qm < Lq:
-                ok = mask_fn(b, h, qm, kn, x0, x1, x2, x3)
-            if ok:
-                bits |= 1 << j
-        return int32(bits)
+    key_bits = mask_bits(mask_fn, CAUSAL, NCB, False)
     load_k = _loader(BN, D, LDK, NTH, kind, o_.cp16)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
     load_q = _loader(BM, D, LDK, NTH, kind, o_.cp16)
