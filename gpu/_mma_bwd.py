@@ -45,9 +45,11 @@ forward's lesson, bench/NOTES.md G7).
 
 float32 inputs (kind "f32") run the same kernel on ``mma.sync.m16n8k8`` tf32 with the
 3xTF32 split of gpu/_mma.py's float32 forward (each operand x = big + small, three
-products per mma3, float32 accuracy). OFF by default: it has not yet run on a GPU, so
-``attn.gpu.TF32X3_BACKWARD`` (ATTN_GPU_TF32X3_BWD=1) must be set, else mma_bwd_reasons
-says so and the SIMT dK/dV kernel runs. The differences from the 16-bit kinds, all at
+products per mma3). OFF by default: on an H200 (2026-12-02, bench/NOTES.md G11) it
+ran at 1.0-1.2x PyTorch's EFFICIENT forward+backward, but dK missed the float64-oracle
+bound in 2 of the float32 GPU tests (up to 2x the bound), so ``attn.gpu.TF32X3_BACKWARD``
+(ATTN_GPU_TF32X3_BWD=1) must be set, else mma_bwd_reasons says so and the SIMT dK/dV
+kernel runs. The differences from the 16-bit kinds, all at
 the products (ldmatrix.trans cannot transpose 32-bit elements):
 
 * float32 tiles in shared memory, rows padded by 4 words; k-steps of 8; K, V A
