@@ -455,7 +455,8 @@ MMA_BACKWARD = os.environ.get("ATTN_GPU_MMA_BWD", "1").strip() != "0"
 # 1.0-1.2x PyTorch EFFICIENT forward+backward (SIMT: 0.4-0.6x), but with it on, dK missed
 # the float64-oracle bound in two float32 GPU tests (flex relative_bias D=64 by 1.2x,
 # causal varlen D=64 by 1.9x; bench/results/gpu-tests-latest.md), so it stays opt-in
-# (ATTN_GPU_TF32X3_BWD=1) until dK's accuracy is fixed.
+# (ATTN_GPU_TF32X3_BWD=1) until dK's accuracy is fixed. The candidate fix (dK/dV totals
+# flushed per 32 queries, bench/NOTES.md G13) is in, measured in the simulator only.
 TF32X3_BACKWARD = os.environ.get("ATTN_GPU_TF32X3_BWD", "0").strip() not in ("", "0")
 
 
@@ -485,8 +486,12 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    # The 3xTF32 dK/dV kernel adds its per-q-block totals into dk, dv (gpu/_mma_bwd.py,
+    # FLUSH_QUERIES): zeroed wherever it may run.
+    new = torch.zeros_like if (q.dtype == torch.float32 and TF32X3_BACKWARD
+                               and _mma_bwd.FLUSH_QUERIES > 0) else torch.empty_like
+    dk = new(k, memory_format=torch.contiguous_format)
+    dv = new(v, memory_format=torch.contiguous_format)
     if Lq == 0 or Lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     # delta_i = rowsum(dO_i * O_i) - dlse_i: d(lse_i)/d(s_ij) = P_ij, so a gradient on lse

@@ -49,8 +49,10 @@ products per mma3). OFF by default: on an H200 (2026-12-02, bench/NOTES.md G11) 
 ran at 1.0-1.2x PyTorch's EFFICIENT forward+backward, but dK missed the float64-oracle
 bound in 2 of the float32 GPU tests (up to 2x the bound), so ``attn.gpu.TF32X3_BACKWARD``
 (ATTN_GPU_TF32X3_BWD=1) must be set, else mma_bwd_reasons says so and the SIMT dK/dV
-kernel runs. The differences from the 16-bit kinds, all at
-the products (ldmatrix.trans cannot transpose 32-bit elements):
+kernel runs. The dK/dV totals flushed per 32 queries (below, bench/NOTES.md G13) are
+the fix for that miss in a model of the tensor core's accumulation, not yet measured
+on a GPU. The differences from the 16-bit kinds, at the products (ldmatrix.trans
+cannot transpose 32-bit elements) and the dK/dV totals:
 
 * float32 tiles in shared memory, rows padded by 4 words; k-steps of 8; K, V A
   fragments and Q, dO B fragments of S^T, dP^T by ldmatrix (b16 moves 32-bit words
@@ -67,9 +69,24 @@ the products (ldmatrix.trans cannot transpose 32-bit elements):
   of 16 queries x 32 dims, A = dS by scalar loads (the key order permuted as above),
   B = K by 16-byte loads of key rows 2t, 2t+1 (dims permuted as above), float32
   atomics into ``dqa``.
+* dK/dV totals (FLUSH_QUERIES, G13): the tensor core rounds each mma's sum into the
+  accumulator one-sidedly (truncation), and the dK/dV accumulators live over all G*Lq
+  queries of the kv block, so that error grows with Lq (G11's two misses, at L 517 and
+  a long varlen). Every FLUSH = max(32 // BM, 1) q blocks (32 queries: D <= 64 every
+  block, D = 128 every second) except after the last, each lane adds its fragments into
+  float32 totals by RED (round to nearest) and restarts them from zero; the epilogue
+  adds the rest by RED, reads the totals back into the fragments and copies out as
+  before (dK scaled once, there). The totals live in the CTA's own rows of the dk/dv
+  outputs (one CTA per (kv block, batch, kv head), looping over the G query heads
+  itself: no other CTA touches them), which gpu.backward allocates zeroed for this
+  kernel; each lane's slots are its own (_totals), so no barrier orders them; a CTA
+  with <= FLUSH q blocks never flushes (its kv block may see none: dK = dV = 0 as
+  before). No second register set (D = 128 was at 254 registers); the 16-bit kinds
+  compile to the same code (FLUSH = 0: pruned).
 """
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 from functools import lru_cache
 
@@ -105,6 +122,17 @@ _TILES = Tiles(Config, {64: Config(4, 64, False), 128: Config(4, 32, False)},
 # ATTN_GPU_TF32_BWD_CONFIG, same format.
 _TF32_TILES = Tiles(Config, {64: Config(4, 32, False), 128: Config(4, 16, False)},
                     Config(2, 16, False), "ATTN_GPU_TF32_BWD_CONFIG")
+# float32 (3xTF32): queries per flush of the dK/dV register accumulators into their
+# float32 totals (module docstring, bench/NOTES.md G13): every max(FLUSH_QUERIES // BM,
+# 1) q blocks, i.e. every 32-query block at D <= 64 and every second 16-query block at
+# D = 128. 32 queries is what the numpy emulation of the truncating tensor-core
+# accumulation brought back to PyTorch's error (3e-7..8e-7 relative at L 517; 12 mma
+# into one accumulator per flush at either D); flushing D = 128's 16-query blocks one
+# by one would double the RED traffic (64 KiB per CTA per flush there, 8x its dQ
+# atomics' elements) for accuracy it does not need. 0 turns the flushes off (the
+# accumulators live over the whole q loop, as before G13). Read when a kernel is
+# built; tuning knob for the device scripts: ATTN_GPU_TF32_BWD_FLUSH=queries.
+FLUSH_QUERIES = int(os.environ.get("ATTN_GPU_TF32_BWD_FLUSH", "32") or 0)
 
 
 def config(D: int, Dv: int, kind: str = "bf16"):
@@ -351,6 +379,57 @@ def _row_store(ROWS: int, W: int, LD: int, NTH: int):
 
 
 @lru_cache(maxsize=None)
+def _totals(N: int):
+    """The float32 totals of a lane's N dK (or dV) accumulators ``acc`` (3xTF32, FLUSH):
+    slots in the CTA's own rows of the output ``out`` ((batch, head) slice at ``base``,
+    strides s_l, s_d), which no other CTA touches. Register idx (key row r0 + 8*((idx
+    >> 1) & 1), n-tile idx >> 2, column 2t + (idx & 1)) has the slot at that key row,
+    column 4k + t, k = 2*(idx >> 2) + (idx & 1): a bijection onto the row's columns, the
+    four lanes of a row on four adjacent words (the epilogue's copy-out writes the real
+    layout over them). Rows at or past L are not touched (their accumulators stay zero:
+    keys past Lk have P = dS = 0).
+
+    The slots start at zero: gpu.backward allocates dk, dv zeroed when this kernel may
+    run (float32, TF32X3_BACKWARD, FLUSH_QUERIES > 0). ``flush``: the totals += acc by
+    float32 RED (cuda.atomic.add with the result unused: round to nearest even, and no
+    load, so no registers beyond acc), then acc = 0 if ``zero``. ``load``: acc = the
+    totals. Every access to a slot is by its own lane, so program order orders them.
+    ptxas at D = 128 (254 registers before; sm_90, 2026-12-02): a load-add-store flush
+    made it batch the loads and spill 1.5-2 KB; a store for the first flush and RED for
+    the rest (two unrolled copies in the loop) 1.5 KB; zeroing the slots in the kernel's
+    prologue 144 bytes; RED alone into zeroed slots 48 bytes (the slot addresses,
+    reloaded at the flushes, a few LDL per q block).
+    """
+    H = N // 2  # the lane's registers per key row
+
+    # Loops per key row with the row test outside and the slot addresses a + k*s4:
+    # small unrolled bodies, so acc stays in registers (a per-register row test and
+    # address in one 64-register loop stayed rolled at D = 128: acc in local memory).
+    @cuda.jit(device=True, inline=True)
+    def flush(out, base, s_l, s_d, r0, L, t, acc, zero):
+        s4 = 4 * s_d
+        for hi in range(2):
+            if r0 + 8 * hi < L:
+                a = base + (r0 + 8 * hi) * s_l + t * s_d
+                for k in range(H):
+                    cuda.atomic.add(out, a + k * s4, acc[4 * (k >> 1) + 2 * hi + (k & 1)])
+        if zero:
+            for idx in range(N):
+                acc[idx] = ZERO
+
+    @cuda.jit(device=True, inline=True)
+    def load(out, base, s_l, s_d, r0, L, t, acc):
+        s4 = 4 * s_d
+        for hi in range(2):
+            if r0 + 8 * hi < L:
+                a = base + (r0 + 8 * hi) * s_l + t * s_d
+                for k in range(H):
+                    acc[4 * (k >> 1) + 2 * hi + (k & 1)] = out[a + k * s4]
+
+    return flush, load
+
+
+@lru_cache(maxsize=None)
 def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None):
     """The tensor-core dK/dV(+dQ atomics) kernel for one specialisation; same arguments
     as _kernels.dkdv_kernel's kernels."""
@@ -370,6 +449,11 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     NW, BM, KREG = config(D, Dv, kind)
     if TF32 and KREG:
         raise ValueError("the 3xTF32 backward re-reads K/V fragments (KREG = 0)")
+    # 3xTF32: flush the dK/dV accumulators into their float32 totals every FLUSH q
+    # blocks (FLUSH_QUERIES; 0 = never). The 16-bit kinds never do (FLUSH = 0: the
+    # branches below are pruned at compile time).
+    FLUSH = max(FLUSH_QUERIES // BM, 1) if TF32 and FLUSH_QUERIES > 0 else 0
+    FLUSHING = FLUSH > 0
     BN = 16 * NW
     NTH = 32 * NW
     KSTEP = 8 if TF32 else 16    # the mma's k
@@ -419,6 +503,8 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
     load_o = _loader(BM, Dv, LDV, NTH, kind, o_.cp16)
     store_k = _row_store(BN, D, LDK, NTH)
     store_v = _row_store(BN, Dv, LDV, NTH)
+    flush_k, total_k = _totals(NK)
+    flush_v, total_v = _totals(NV)
     if TF32:
         kq = _rows_product_tf32(KD, NTS, LDK, frag_a, frag_b2, split, mma3)
         vo = _rows_product_tf32(KDV, NTS, LDV, frag_a, frag_b2, split, mma3)
@@ -528,6 +614,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
             dva[j] = ZERO
 
         buf = 0
+        nq = 0  # q blocks done (FLUSH)
         while gi < G:
             h = hk * G + gi
             lr = b * lb + h * lh + kb
@@ -748,6 +835,18 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                             if qm < Lq:
                                 d = 16 * jp + 8 * (e >> 2) + 2 * t + (e & 1)
                                 cuda.atomic.add(dqa, (rbase + qm) * D + d, dqc[e] * sc)
+            if FLUSHING:
+                # 3xTF32: every FLUSH q blocks (not after the last: the epilogue adds
+                # what is left), dK/dV's mma sums into their float32 totals by RED
+                # (round to nearest), and the accumulators restart from zero. The
+                # tensor core's accumulation rounds one-sidedly (bench/NOTES.md G13):
+                # over the whole q loop (G*Lq queries) that error grows with Lq.
+                nq += 1
+                if nq % FLUSH == 0 and ngi < G:
+                    flush_k(dk, b * dks_b + hk * dks_h, dks_l, dks_d, kr0, Lk, t, dka,
+                            True)
+                    flush_v(dv, b * dvs_b + hk * dvs_h, dvs_l, dvs_d, kr0, Lk, t, dva,
+                            True)
             gi = ngi
             it = nit
             buf = 1 - buf
@@ -758,6 +857,18 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         # on consecutive elements (any output strides). Small register-indexing loop
         # bodies, so dka/dva stay in registers. Register pair idx, idx+1: key row
         # 16w + g + 8*((idx >> 1) & 1), dims 8*(idx >> 2) + 2t, +1.
+        if FLUSHING:
+            if nq > FLUSH:
+                # Flushed at least once (the first flush is after q block FLUSH when
+                # another follows): the rest into the totals, then the totals back into
+                # the accumulators for the copy-out below (dK scaled there, once),
+                # before the barrier after which the copy-out overwrites the slots.
+                dkb = b * dks_b + hk * dks_h
+                dvb = b * dvs_b + hk * dvs_h
+                flush_k(dk, dkb, dks_l, dks_d, kr0, Lk, t, dka, False)
+                flush_v(dv, dvb, dvs_l, dvs_d, kr0, Lk, t, dva, False)
+                total_k(dk, dkb, dks_l, dks_d, kr0, Lk, t, dka)
+                total_v(dv, dvb, dvs_l, dvs_d, kr0, Lk, t, dva)
         cuda.syncthreads()  # every warp is done reading K (dQ of the last q block)
         if TF32:
             # One word per register: key row 16w + g + 8*((idx >> 1) & 1), n-tile

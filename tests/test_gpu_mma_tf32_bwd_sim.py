@@ -125,6 +125,20 @@ _SCRIPT = FLEX + textwrap.dedent(
     worst = max(worst, check("flex causal+alibi", grads, ref, tor, go.abs().max().item()))
     print("flex", round(time.time() - t0), "s")
 
+    # The dK/dV flushes (bench/NOTES.md G13): the simulator's 16-query blocks flush every
+    # 2 q blocks by default (the causal GQA case above: 6 q blocks in kv block 0, 2 in
+    # kv block 1, which never flushes); here after every q block, non-causal GQA 2/1 at
+    # L 33, so the kv block with 31 keys past Lk flushes too (its row tests).
+    assert _mma_bwd.FLUSH_QUERIES == 32, _mma_bwd.FLUSH_QUERIES
+    _mma_bwd.FLUSH_QUERIES = 16
+    build.cache_clear()
+    name, args, sc = dense(1, 2, 1, 33, 33, 32, 32, False, seed=5)
+    grads, ref, tor = run(*args)
+    worst = max(worst, check(name + " flush per q block", grads, ref, tor, sc))
+    _mma_bwd.FLUSH_QUERIES = 32
+    build.cache_clear()
+    print("flush per q block", round(time.time() - t0), "s")
+
     # One correction term (Asmall * Bbig) dropped from the stand-in: the check must fail.
     name, args, sc = cases[0]
     f32 = _ptx.ops("f32")
