@@ -18,11 +18,25 @@ from attn import profile
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# `python -m attn.profile` in a child process. From a source tree without an install
+# (the GPU machine's runs) attn.gpu is not importable: the child then lets attn find gpu/
+# as the GPU test files do in-process (an install maps gpu/ to attn.gpu).
+_BOOT = """\
+import importlib.util, runpy, sys
+import attn
+if importlib.util.find_spec("attn.gpu") is None:
+    attn.__path__.append(sys.argv.pop(1))
+else:
+    sys.argv.pop(1)
+runpy.run_module("attn.profile", run_name="__main__", alter_sys=True)
+"""
+
+
 def _run(args, env=None, timeout=300):
     e = dict(os.environ, **(env or {}))
     e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "attn.profile", *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", _BOOT, str(ROOT), *args], cwd=ROOT,
+                          env=e, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("schedule", ["auto", "split"])
