@@ -452,7 +452,7 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
 MMA_BACKWARD = os.environ.get("ATTN_GPU_MMA_BWD", "1").strip() != "0"
 # float32 backward on tensor cores with the 3xTF32 split (gpu/_mma_bwd.py, kind "f32"):
 # off by default. bench/device/tf32_bwd_check.py on an H200 (2026-12-02) measured it at
-# 1.0-1.2x PyTorch EFFICIENT forward+backward (SIMT: 0.4-0.6x), but with it on, dK missed
+# 0.94-1.25x PyTorch EFFICIENT forward+backward (SIMT: 0.4-0.6x), but with it on, dK missed
 # the float64-oracle bound in two float32 GPU tests (flex relative_bias D=64 by 1.2x,
 # causal varlen D=64 by 1.9x; bench/results/gpu-tests-latest.md), so it stays opt-in
 # (ATTN_GPU_TF32X3_BWD=1) until dK's accuracy is fixed. The candidate fix (dK/dV totals
@@ -487,7 +487,8 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     Lk = k.shape[2]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     # The 3xTF32 dK/dV kernel adds its per-q-block totals into dk, dv (gpu/_mma_bwd.py,
-    # FLUSH_QUERIES): zeroed wherever it may run.
+    # FLUSH_QUERIES): zeroed wherever it may run. Here, not in _backward where the kernel
+    # is chosen, because repeated dense calls replay bound launches without _backward.
     new = torch.zeros_like if (q.dtype == torch.float32 and TF32X3_BACKWARD
                                and _mma_bwd.FLUSH_QUERIES > 0) else torch.empty_like
     dk = new(k, memory_format=torch.contiguous_format)

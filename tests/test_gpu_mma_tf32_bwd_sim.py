@@ -3,8 +3,9 @@ with the 3xTF32 split) in Numba's CUDA simulator (CI has no GPU).
 
 Runs in a child process with NUMBA_ENABLE_CUDASIM=1 (tests/_sim.py says why) and
 ATTN_GPU_TF32X3_BWD=1: the path is off by default (attn.gpu.TF32X3_BACKWARD; on an H200
-its dK missed the accuracy bound in two float32 tests, bench/NOTES.md G11), and the test also checks that with the switch off the SIMT
-dK/dV kernel runs and mma_bwd_reasons says why. float32 inputs with D, Dv multiples of
+its dK missed the accuracy bound in two float32 tests, bench/NOTES.md G11), and the test
+also checks that with the switch off the SIMT dK/dV kernel runs and mma_bwd_reasons says
+why. float32 inputs with D, Dv multiples of
 32 take the tensor-core dK/dV kernel (dQ by atomics), with gpu/_ptx.py's stand-ins:
 ``split`` rounds to tf32 on the bits as the GPU code does, and the stand-in of the three
 products reads every operand register as the tensor core does (sign, exponent, 10

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The float32 part of the GPU test matrix with the current defaults (3xTF32 forward and,
-# since 2026-12-02, 3xTF32 backward), in parallel shards (compile-bound), plus the
+# The float32 part of the GPU test matrix (3xTF32 forward; the 3xTF32 backward too when
+# the caller sets ATTN_GPU_TF32X3_BWD=1), in parallel shards (compile-bound), plus the
 # profiler tests. Usage (repository root, GPU machine): bash bench/device/fp32_matrix.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD

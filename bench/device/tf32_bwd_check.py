@@ -1,8 +1,8 @@
 import os
 os.environ["ATTN_GPU_TF32X3_BWD"] = "1"  # the float32 tensor-core backward under test
 __doc__ = """The float32 tensor-core backward (gpu/_mma_bwd.py kind "f32", 3xTF32; off by default,
-so the first lines above switch it on) on the GPU machine, in one call (not yet run;
-bench/NOTES.md G11):
+so the first lines above switch it on) on the GPU machine, in one call (first run on an
+H200 2026-12-02, bench/NOTES.md G11; bench/results/gpu-tf32-bwd-2026-12-02.json):
 
     python3 bench/device/tf32_bwd_check.py [OUTDIR] [--quick]   (OUTDIR: $OUT)
 
