@@ -7,7 +7,7 @@ numba-cuda's compile_ptx for sm_90, then `ptxas -v` and `cuobjdump -sass`
         python bench/ptx_report.py KIND D [bwd] [causal] [mask] [mod] [--out DIR]
 
 KIND is f32 (3xTF32), bf16 or f16; ``mask`` an attn_mask, ``mod`` a FlexAttention
-(causal) mask_mod (the kernel of its partial blocks; full blocks share it). The tile
+(causal) mask_mod, ``doc`` a document mask_mod reading two int64 buffers (the kernel of its partial blocks; full blocks share it). The tile
 configuration comes from gpu/_mma.py / gpu/_mma_bwd.py or ATTN_GPU_TF32_CONFIG,
 ATTN_GPU_MMA_CONFIG, ATTN_GPU_TF32_BWD_CONFIG, ATTN_GPU_MMA_BWD_CONFIG. The float32
 backward is compiled whatever ATTN_GPU_TF32X3_BWD says. Needs ptxas and cuobjdump on
@@ -41,7 +41,8 @@ def main():
     args = [a for a in args if a != str(out)]
     kind, D = args[0], int(args[1])
     causal, mask = "causal" in args[2:], "mask" in args[2:]
-    bwd, mod = "bwd" in args[2:], "mod" in args[2:]
+    bwd, doc = "bwd" in args[2:], "doc" in args[2:]
+    mod = "mod" in args[2:] or doc
 
     import attn
     try:
@@ -71,12 +72,21 @@ def main():
         # document mask_mod's min/max clamps do not type with numba-cuda 0.30.4's
         # compile_ptx here: "Signature mismatch", for every kernel and dtype).
         from attn import gpu, mods as amods, _modgen
-        m = _modgen.trace_mask_mod(amods.causal_mask)
+        if doc:
+            # A document mask reading two int64 buffers, as attn.varlen_attn's mask_mod.
+            import torch
+            q_doc = k_doc = torch.zeros(64, dtype=torch.int64)
+
+            def document(b, h, q_idx, kv_idx):
+                return q_doc[q_idx] == k_doc[kv_idx]
+            m = _modgen.trace_mask_mod(document)
+        else:
+            m = _modgen.trace_mask_mod(amods.causal_mask)
         mods = gpu.GpuMods.get(m, None)
         sig = sig[:-4] + tuple(types.Array(numpy_type(b), 1, "C") for b in m.buffers) \
             + sig[-4 + len(m.buffers):]
     tag = (f"{kind}_{D}{'_bwd' if bwd else ''}{'_causal' if causal else ''}"
-           f"{'_mask' if mask else ''}{'_mod' if mod else ''}")
+           f"{'_mask' if mask else ''}{'_doc' if doc else '_mod' if mod else ''}")
     t0 = time.time()
     if bwd:
         k = _mma_bwd.dkdv_kernel(kind, D, D, causal, mask, mods)
@@ -98,8 +108,14 @@ def main():
     for line in (r.stdout + r.stderr).splitlines():
         if "Used" in line or "stack" in line or "rror" in line:
             print(line.strip())
-    sass = subprocess.run(["cuobjdump", "-sass", str(out / f"{tag}.cubin")],
-                          capture_output=True, text=True).stdout
+    bras = sum(1 for line in ptx.splitlines() if line.strip().startswith(("bra", "@")))
+    print(f"PTX: {ptx.count('ld.global')} ld.global, {bras} branches")
+    try:
+        sass = subprocess.run(["cuobjdump", "-sass", str(out / f"{tag}.cubin")],
+                              capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        print("no cuobjdump on PATH: SASS counts skipped")
+        return
     (out / f"{tag}.sass").write_text(sass)
     ops = collections.Counter()
     for line in sass.splitlines():

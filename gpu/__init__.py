@@ -451,26 +451,24 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
 # exists so a failing device check can turn the default off in one place).
 MMA_BACKWARD = os.environ.get("ATTN_GPU_MMA_BWD", "1").strip() != "0"
 # float32 backward on tensor cores with the 3xTF32 split (gpu/_mma_bwd.py, kind "f32"):
-# off by default. bench/device/tf32_bwd_check.py on an H200 (2026-12-02) measured it at
-# 0.94-1.25x PyTorch EFFICIENT forward+backward (SIMT: 0.4-0.6x), but with it on, dK missed
-# the float64-oracle bound in two float32 GPU tests (flex relative_bias D=64 by 1.2x,
-# causal varlen D=64 by 1.9x; bench/results/gpu-tests-latest.md), so it stays opt-in
-# (ATTN_GPU_TF32X3_BWD=1) until dK's accuracy is fixed. The candidate fix (dK/dV totals
-# flushed per 32 queries, bench/NOTES.md G13) is in, measured in the simulator only.
-TF32X3_BACKWARD = os.environ.get("ATTN_GPU_TF32X3_BWD", "0").strip() not in ("", "0")
+# on by default since 2026-12-02. Without the dK/dV flushes (bench/NOTES.md G11) its dK
+# missed the float64-oracle bound in two float32 GPU tests; with the totals flushed every
+# 128 queries (G13, G14) the float32 GPU matrix passes (test_gpu.py, varlen, flex) and
+# forward+backward runs at 0.85-1.07x PyTorch EFFICIENT on an H200 (SIMT: 0.4-0.6x).
+# ATTN_GPU_TF32X3_BWD=0 keeps the SIMT dK/dV kernel.
+TF32X3_BACKWARD = os.environ.get("ATTN_GPU_TF32X3_BWD", "1").strip() not in ("", "0")
 
 
 def mma_bwd_reasons(dtype, D, Dv, tiling=None, block_size=None, atomic=True) -> list[str]:
     """Why a backward runs the SIMT dK/dV kernel instead of the tensor-core one
-    (gpu/_mma_bwd.py: float16/bfloat16, and float32 by 3xTF32 when TF32X3_BACKWARD is
-    on, which it is not by default: dK accuracy, see above): empty when the tensor-core
-    kernel serves it."""
+    (gpu/_mma_bwd.py: float16/bfloat16, and float32 by 3xTF32 unless TF32X3_BACKWARD is
+    switched off): empty when the tensor-core kernel serves it."""
     extra = []
     if not MMA_BACKWARD:
         extra.append("ATTN_GPU_MMA_BWD=0 (attn.gpu.MMA_BACKWARD is off)")
     if dtype == torch.float32 and not TF32X3_BACKWARD:
-        extra.append("float32 tensor-core backward is opt-in (its dK missed the accuracy "
-                     "bound in GPU tests; ATTN_GPU_TF32X3_BWD=1 enables it)")
+        extra.append("float32 tensor-core backward switched off (ATTN_GPU_TF32X3_BWD=0, "
+                     "attn.gpu.TF32X3_BACKWARD is False)")
     if not atomic:
         extra.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
     return _tensor_core_reasons(_mma_bwd, "backward", dtype, D, Dv, tiling, block_size,

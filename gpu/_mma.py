@@ -254,8 +254,14 @@ def mask_bits(mask_fn, CAUSAL: bool, NCB: int, KEYS_ALONG: bool):
     """The device function of the kernels' bit-set mask path (forward and backward
     MASKREG): the mask of one lane index ``fixed`` (a query row when KEYS_ALONG, else a
     key row) against the lane's NCB indices of the other kind, c0 + 8*(j >> 1) + (j & 1),
-    as bit j of an int32. Keys past Lk and (CAUSAL) keys after the query are hidden;
-    mask_mod is asked only for queries below Lq."""
+    as bit j of an int32. Keys past Lk and (CAUSAL) keys after the query are hidden.
+
+    Branch-free: mask_mod is evaluated at every position with the indices clamped into
+    [0, Lq) x [0, Lk) (so its buffer loads are always in range, as FlexAttention's own
+    kernels evaluate it on padded positions) and the out-of-range / causal tests are
+    and-ed in afterwards. A mod guarded by a per-column branch cannot have its loads
+    speculated, so each column's load waited for the previous one (a document mask's
+    partial blocks cost 6x a full block on the H200, bench/NOTES.md G15)."""
 
     @cuda.jit(device=True, inline=True)
     def bits_of(b, h, fixed, c0, Lq, Lk, x0, x1, x2, x3):
@@ -264,13 +270,11 @@ def mask_bits(mask_fn, CAUSAL: bool, NCB: int, KEYS_ALONG: bool):
             other = c0 + 8 * (j >> 1) + (j & 1)
             qm = fixed if KEYS_ALONG else other
             kn = other if KEYS_ALONG else fixed
-            ok = kn < Lk
+            inside = (kn < Lk) & (qm < Lq)
             if CAUSAL:
-                ok = ok and kn <= qm
-            if ok and qm < Lq:
-                ok = mask_fn(b, h, qm, kn, x0, x1, x2, x3)
-            if ok:
-                bits |= 1 << j
+                inside = inside & (kn <= qm)
+            m = mask_fn(b, h, min(qm, Lq - 1), min(kn, Lk - 1), x0, x1, x2, x3)
+            bits |= int32(inside & bool(m)) << j
         return int32(bits)
 
     return bits_of

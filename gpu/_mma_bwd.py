@@ -45,13 +45,11 @@ forward's lesson, bench/NOTES.md G7).
 
 float32 inputs (kind "f32") run the same kernel on ``mma.sync.m16n8k8`` tf32 with the
 3xTF32 split of gpu/_mma.py's float32 forward (each operand x = big + small, three
-products per mma3). OFF by default: on an H200 (2026-12-02, bench/NOTES.md G11) it
-ran at 1.0-1.2x PyTorch's EFFICIENT forward+backward, but dK missed the float64-oracle
-bound in 2 of the float32 GPU tests (up to 2x the bound), so ``attn.gpu.TF32X3_BACKWARD``
-(ATTN_GPU_TF32X3_BWD=1) must be set, else mma_bwd_reasons says so and the SIMT dK/dV
-kernel runs. The dK/dV totals flushed per 32 queries (below, bench/NOTES.md G13) are
-the fix for that miss in a model of the tensor core's accumulation, not yet measured
-on a GPU. The differences from the 16-bit kinds, at the products (ldmatrix.trans
+products per mma3). On by default (``attn.gpu.TF32X3_BACKWARD``; ATTN_GPU_TF32X3_BWD=0
+keeps the SIMT dK/dV kernel, and mma_bwd_reasons says so). Without the dK/dV totals
+below its dK missed the float64-oracle bound in 2 of the float32 GPU tests (H200,
+bench/NOTES.md G11); flushed every 128 queries (G13, G14) the float32 GPU matrix passes
+at 0.85-1.07x PyTorch's EFFICIENT forward+backward. The differences from the 16-bit kinds, at the products (ldmatrix.trans
 cannot transpose 32-bit elements) and the dK/dV totals:
 
 * float32 tiles in shared memory, rows padded by 4 words; k-steps of 8; K, V A
@@ -72,8 +70,8 @@ cannot transpose 32-bit elements) and the dK/dV totals:
 * dK/dV totals (FLUSH_QUERIES, G13): the tensor core rounds each mma's sum into the
   accumulator one-sidedly (truncation), and the dK/dV accumulators live over all G*Lq
   queries of the kv block, so that error grows with Lq (G11's two misses, at L 517 and
-  a long varlen). Every FLUSH = max(32 // BM, 1) q blocks (32 queries: D <= 64 every
-  block, D = 128 every second) except after the last, each lane adds its fragments into
+  a long varlen). Every FLUSH = max(FLUSH_QUERIES // BM, 1) q blocks (128 queries by
+  default) except after the last, each lane adds its fragments into
   float32 totals by RED (round to nearest) and restarts them from zero; the epilogue
   adds the rest by RED, reads the totals back into the fragments and copies out as
   before (dK scaled once, there). The totals live in the CTA's own rows of the dk/dv
@@ -123,16 +121,15 @@ _TILES = Tiles(Config, {64: Config(4, 64, False), 128: Config(4, 32, False)},
 _TF32_TILES = Tiles(Config, {64: Config(4, 32, False), 128: Config(4, 16, False)},
                     Config(2, 16, False), "ATTN_GPU_TF32_BWD_CONFIG")
 # float32 (3xTF32): queries per flush of the dK/dV register accumulators into their
-# float32 totals (module docstring, bench/NOTES.md G13): every max(FLUSH_QUERIES // BM,
-# 1) q blocks, i.e. every 32-query block at D <= 64 and every second 16-query block at
-# D = 128. 32 queries is what the numpy emulation of the truncating tensor-core
-# accumulation brought back to PyTorch's error (3e-7..8e-7 relative at L 517; 12 mma
-# into one accumulator per flush at either D); flushing D = 128's 16-query blocks one
-# by one would double the RED traffic (64 KiB per CTA per flush there, 8x its dQ
-# atomics' elements) for accuracy it does not need. 0 turns the flushes off (the
-# accumulators live over the whole q loop, as before G13). Read when a kernel is
-# built; tuning knob for the device scripts: ATTN_GPU_TF32_BWD_FLUSH=queries.
-FLUSH_QUERIES = int(os.environ.get("ATTN_GPU_TF32_BWD_FLUSH", "32") or 0)
+# float32 totals (module docstring, bench/NOTES.md G13/G14): every max(FLUSH_QUERIES //
+# BM, 1) q blocks. Measured on an H200 (G14), forward+backward at L 4096 against
+# PyTorch EFFICIENT: no flush 1.0-1.25x but two float32 tests over the accuracy bound;
+# every 32 queries 0.67-0.78x (the RED traffic: 34% slower than no flush at D = 64);
+# every 64 0.80-0.96x; every 128 0.85-1.07x — and the float32 GPU tests pass at 32 and
+# at 128 alike (the chains into one accumulator stay 8x shorter than the G11 misses'
+# ~1000 queries). 0 turns the flushes off (as before G13). Read when a kernel is built;
+# tuning knob for the device scripts: ATTN_GPU_TF32_BWD_FLUSH=queries.
+FLUSH_QUERIES = int(os.environ.get("ATTN_GPU_TF32_BWD_FLUSH", "128") or 0)
 
 
 def config(D: int, Dv: int, kind: str = "bf16"):

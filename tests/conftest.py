@@ -4,10 +4,22 @@ Shared helpers live in ``tests/_util.py`` (importable as ``_util``: pytest puts 
 directory on sys.path because it has no ``__init__.py``).
 """
 
+import importlib.util
 import os
 
 import pytest
 import torch
+
+import attn
+
+# Running from a source tree without an install (the GPU machine's runs): let attn.gpu
+# find gpu/, as an install maps it, so every test file sees the same attn.gpu — including
+# those that reach it only through attn's backends (test_torch_flash). find_spec does not
+# execute attn.gpu, so a CPU-only install never imports numba here.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if (importlib.util.find_spec("attn.gpu") is None
+        and os.path.isfile(os.path.join(_ROOT, "gpu", "__init__.py"))):
+    attn.__path__.append(_ROOT)
 
 
 def pytest_report_header(config):

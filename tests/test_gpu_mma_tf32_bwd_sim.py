@@ -2,10 +2,9 @@
 with the 3xTF32 split) in Numba's CUDA simulator (CI has no GPU).
 
 Runs in a child process with NUMBA_ENABLE_CUDASIM=1 (tests/_sim.py says why) and
-ATTN_GPU_TF32X3_BWD=1: the path is off by default (attn.gpu.TF32X3_BACKWARD; on an H200
-its dK missed the accuracy bound in two float32 tests, bench/NOTES.md G11), and the test
-also checks that with the switch off the SIMT dK/dV kernel runs and mma_bwd_reasons says
-why. float32 inputs with D, Dv multiples of
+ATTN_GPU_TF32X3_BWD=1 (the default, set explicitly so an outer setting cannot turn it
+off), and the test also checks that with the switch off the SIMT dK/dV kernel runs and
+mma_bwd_reasons says why. float32 inputs with D, Dv multiples of
 32 take the tensor-core dK/dV kernel (dQ by atomics), with gpu/_ptx.py's stand-ins:
 ``split`` rounds to tf32 on the bits as the GPU code does, and the stand-in of the three
 products reads every operand register as the tensor core does (sign, exponent, 10
@@ -126,8 +125,8 @@ _SCRIPT = FLEX + textwrap.dedent(
     worst = max(worst, check("flex causal+alibi", grads, ref, tor, go.abs().max().item()))
     print("flex", round(time.time() - t0), "s")
 
-    # The dK/dV flushes (bench/NOTES.md G13): the simulator's 16-query blocks flush every
-    # 2 q blocks by default (the causal GQA case above: 6 q blocks in kv block 0, 2 in
+    # The dK/dV flushes (bench/NOTES.md G13): with the child's ATTN_GPU_TF32_BWD_FLUSH=32
+    # the simulator's 16-query blocks flush every 2 q blocks (the causal GQA case above: 6 q blocks in kv block 0, 2 in
     # kv block 1, which never flushes); here after every q block, non-causal GQA 2/1 at
     # L 33, so the kv block with 31 keys past Lk flushes too (its row tests).
     assert _mma_bwd.FLUSH_QUERIES == 32, _mma_bwd.FLUSH_QUERIES
@@ -160,10 +159,10 @@ _SCRIPT = FLEX + textwrap.dedent(
     else:
         raise AssertionError("a 2-term product passed the 3xTF32 check: it cannot fail")
 
-    # The default (switch off): the SIMT dK/dV kernel, with the reason stated.
+    # The switch off: the SIMT dK/dV kernel, with the reason stated.
     gpu.TF32X3_BACKWARD = False
     r = gpu.mma_bwd_reasons(dt, 32, 32)
-    assert any("ATTN_GPU_TF32X3_BWD=1 enables it" in x for x in r), r
+    assert any("ATTN_GPU_TF32X3_BWD=0" in x for x in r), r
     grads, ref, tor = run(*cases[0][1], kernel="simt")
     print("OK tf32x3 backward; worst abs error", worst, "in", round(time.time() - t0), "s")
     """
@@ -172,6 +171,8 @@ _SCRIPT = FLEX + textwrap.dedent(
 
 def test_tf32x3_backward_in_cuda_simulator():
     # The switch on in the child (read when attn.gpu is imported); the other defaults:
-    # the tensor-core backward on, dQ by atomics.
+    # the tensor-core backward on, dQ by atomics. Flushes every 32 queries, not the
+    # GPU's default 128: at the simulator's tiny L only a short period makes the cases
+    # above flush at all.
     print(run_script(_SCRIPT, timeout=900, unset=("ATTN_GPU_MMA_BWD", "ATTN_GPU_BWD"),
-               env={"ATTN_GPU_TF32X3_BWD": "1"}))
+               env={"ATTN_GPU_TF32X3_BWD": "1", "ATTN_GPU_TF32_BWD_FLUSH": "32"}))

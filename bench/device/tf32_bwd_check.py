@@ -6,7 +6,8 @@ H200 2026-12-02, bench/NOTES.md G11; bench/results/gpu-tf32-bwd-2026-12-02.json)
 
     python3 bench/device/tf32_bwd_check.py [OUTDIR] [--quick]   (OUTDIR: $OUT)
 
-(--quick: timing at L = 4096 only.)
+(--quick: timing at L = 4096 only; --timing-only: no correctness cases; TF32_CHECK_MODES=on
+times the tensor-core backward alone.)
 
 1. Correctness, in parallel worker processes (Numba compiles are single-threaded):
    float32 gradients of gpu.forward + gpu.backward, D = 64 and 128, L in {17, 97/128,
@@ -277,8 +278,10 @@ def main():
     specs = [(D, what) for D in (64, 128) for what in ("dense", "causal", "mask", "flex")]
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
-    with ctx.Pool(len(specs), maxtasksperchild=1) as pool:
-        groups = pool.map(worker, specs, chunksize=1)
+    groups = []
+    if "--timing-only" not in sys.argv:
+        with ctx.Pool(len(specs), maxtasksperchild=1) as pool:
+            groups = pool.map(worker, specs, chunksize=1)
     res["correctness_wall_s"] = time.perf_counter() - t0
     res["groups"] = groups
     (outdir / "tf32_bwd_check.json").write_text(json.dumps(res, indent=1))
@@ -286,7 +289,8 @@ def main():
     pts = [(D, L, c) for D in (64, 128) for L in ((4096,) if quick else (1024, 4096, 16384))
            for c in (False, True)]
     res["timing_runs"] = []
-    for mode in ("on", "off"):  # one at a time: timings must not share the GPU
+    modes = os.environ.get("TF32_CHECK_MODES", "on,off").split(",")
+    for mode in modes:  # one at a time: timings must not share the GPU
         try:
             with ctx.Pool(1, maxtasksperchild=1) as pool:
                 res["timing_runs"].append(pool.map(timing, [(mode, pts)])[0])
