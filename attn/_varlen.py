@@ -56,8 +56,51 @@ _BIG = 1 << 40
 # --------------------------------------------------------------------------- validation
 
 
+# Host copies of device offsets already checked, by tensor: reading a CUDA tensor's values
+# synchronises with the GPU, and every layer of a model passes the same offsets tensor.
+# An entry is valid while the tensor object lives (weak reference) and its version
+# counter, storage pointer and layout are unchanged; every in-place PyTorch op bumps the
+# version, so a changed tensor is read again. (Writes that bypass PyTorch — DLPack, a
+# Numba kernel on its memory — do not bump it: pass a new tensor after those.)
+_HOST_COPIES: dict = {}
+_HOST_COPIES_SIZE = 64
+
+
+def _copy_costs_sync(cu: Tensor) -> bool:
+    """Whether reading ``cu``'s values waits for its device (CPU offsets are read in place)."""
+    return cu.device.type != "cpu"
+
+
+def _host_copy(cu: Tensor):
+    if not _copy_costs_sync(cu):
+        return None
+    hit = _HOST_COPIES.get(id(cu))
+    if hit is None:
+        return None
+    ref, stamp, copy = hit
+    if ref() is not cu or stamp != _stamp(cu):
+        return None
+    return copy
+
+
+def _stamp(cu: Tensor):
+    return (cu._version, cu.data_ptr(), cu.dtype, cu.shape, cu.stride(), cu.device)
+
+
+def _remember_host_copy(cu: Tensor, copy: Tensor) -> None:
+    if not _copy_costs_sync(cu):
+        return
+    import weakref
+
+    with _LOCK:
+        while len(_HOST_COPIES) >= _HOST_COPIES_SIZE:
+            _HOST_COPIES.pop(next(iter(_HOST_COPIES)))
+        _HOST_COPIES[id(cu)] = (weakref.ref(cu), _stamp(cu), copy)
+
+
 def _check_offsets(cu, name: str, n_tokens: int | None, device, tokens_name: str):
-    """``cu`` as a CPU int64 copy (B+1,), after every check, with errors naming ``name``."""
+    """``cu`` as a CPU int64 copy (B+1,), after every check, with errors naming ``name``.
+    Device offsets seen before, unchanged, are not read again (_HOST_COPIES)."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of cumulative offsets, got "
                         f"{type(cu).__name__}")
@@ -71,6 +114,10 @@ def _check_offsets(cu, name: str, n_tokens: int | None, device, tokens_name: str
                          "on the device of the inputs")
     if cu.numel() < 1:
         raise ValueError(f"{name} must have B+1 >= 1 entries (B+1 cumulative offsets), got 0")
+    c = _host_copy(cu)
+    if c is not None:
+        _check_total(c, name, n_tokens, tokens_name)
+        return c
     c = cu.detach().to("cpu", torch.int64)
     if int(c[0]) != 0:
         raise ValueError(f"{name} must start at 0, got {name}[0] = {int(c[0])}")
@@ -80,10 +127,15 @@ def _check_offsets(cu, name: str, n_tokens: int | None, device, tokens_name: str
             i = int(bad[0, 0])
             raise ValueError(f"{name} must be non-decreasing, got {name}[{i}] = {int(c[i])} > "
                              f"{name}[{i + 1}] = {int(c[i + 1])}")
+    _check_total(c, name, n_tokens, tokens_name)
+    _remember_host_copy(cu, c)
+    return c
+
+
+def _check_total(c: Tensor, name: str, n_tokens: int | None, tokens_name: str) -> None:
     if n_tokens is not None and int(c[-1]) != n_tokens:
         raise ValueError(f"{name}[-1] = {int(c[-1])} must equal the number of packed tokens: "
                          f"{tokens_name} has {n_tokens}")
-    return c
 
 
 def _check_window(window_size) -> tuple[int, int]:

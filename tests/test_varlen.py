@@ -648,3 +648,37 @@ def test_public_sdpa_accepts_nested():
     with pytest.raises(NotImplementedError, match="return_lse"):
         _attn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                            v.transpose(1, 2), return_lse=True)
+
+
+def test_device_offsets_host_copy_cache(monkeypatch):
+    """Device offsets are read (a GPU synchronisation) once per tensor and version: a
+    repeat call reuses the checked host copy, an in-place change is read and checked
+    again, and the per-call token-count check still runs on a hit. CPU tensors stand in
+    for device ones here (the cache is keyed on the device only through
+    _copy_costs_sync)."""
+    from attn import _varlen
+
+    monkeypatch.setattr(_varlen, "_copy_costs_sync", lambda cu: True)
+    monkeypatch.setattr(_varlen, "_HOST_COPIES", {})
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    first = _varlen._check_offsets(cu, "cu_seq_q", 7, None, "query")
+    again = _varlen._check_offsets(cu, "cu_seq_q", 7, None, "query")
+    assert again is first and first.tolist() == [0, 3, 7]
+    with pytest.raises(ValueError, match=r"cu_seq_q\[-1\] = 7 must equal"):
+        _varlen._check_offsets(cu, "cu_seq_q", 8, None, "query")
+    cu[1] = 9  # in place: the version counter moves, so the values are read again
+    with pytest.raises(ValueError, match="non-decreasing"):
+        _varlen._check_offsets(cu, "cu_seq_q", 7, None, "query")
+    other = torch.tensor([0, 2, 7], dtype=torch.int32)
+    assert _varlen._check_offsets(other, "cu_seq_q", 7, None, "query").tolist() == [0, 2, 7]
+    # End to end: the same offsets tensor twice, then changed in place.
+    q = torch.randn(7, 2, 8)
+    cu2 = torch.tensor([0, 3, 7], dtype=torch.int32)
+    o1 = attn.varlen_attn(q, q, q, cu2, cu2, 4, 4)
+    o2 = attn.varlen_attn(q, q, q, cu2, cu2, 4, 4)
+    torch.testing.assert_close(o1, o2)
+    cu2[1] = 5
+    o3 = attn.varlen_attn(q, q, q, cu2, cu2, 5, 5)
+    seqs = [q[a:b].transpose(0, 1).unsqueeze(0).double() for a, b in ((0, 5), (5, 7))]
+    ref = torch.cat([ref_attention(x, x, x)[0][0].transpose(0, 1) for x in seqs])
+    torch.testing.assert_close(o3.double(), ref, atol=1e-5, rtol=1e-5)
