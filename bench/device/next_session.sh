@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# First device call of the next session (written 2026-12-02, device time spent): checks
-# the 3xTF32 backward's dK/dV flush (bench/NOTES.md G13) on the GPU — the float32 test
-# matrix with the backward switched on (the two dK misses of G11 must pass), then the
-# check script (its fixed GQA/strided/flex cases, and its timing with the flush on; the
-# flush-off timing is in bench/results/gpu-tf32-bwd-2026-12-02.json). If both hold, make
-# ATTN_GPU_TF32X3_BWD default to 1. Second call: bench_flex --device cuda --lens 16384.
+# First device call of the next session (written 2026-12-02, session 16; its device time
+# was spent). What session 16 changed but could not check on a GPU:
+# 1. the whole test_gpu.py matrix (its 16-bit shards were not re-run after the
+#    3xTF32-backward default), test_profile.py (a line-info build now runs the SIMT
+#    float32 backward: test_gpu_lineinfo_build failed in NVVM before), in parallel;
+# 2. with the GPU quiet: the README summary benchmark with the current defaults
+#    (gpu_summary.py: the table still shows the SIMT float32 kernels), and varlen_attn's
+#    host time without the per-call offsets synchronisation (host_flex.py, NOTES V1).
 # Usage (repository root, GPU machine): bash bench/device/next_session.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
-out=${OUT:-/tmp/next}
-mkdir -p $out
-ATTN_GPU_TF32X3_BWD=1 OUT=$out/matrix bash bench/device/fp32_matrix.sh 2>&1 | tail -40
-timeout 200 python3 bench/device/tf32_bwd_check.py $out --quick 2>&1 | tail -25
+out=${OUT:-/tmp/next}; logs=/tmp/next-logs; mkdir -p $out $logs
+t0=$(date +%s)
+(timeout 330 bash bench/device/gpu_tests.sh $logs/sdpa > $logs/sdpa.txt 2>&1) & p1=$!
+(timeout 330 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --tb=short \
+   tests/test_profile.py > $logs/profile.txt 2>&1) & p2=$!
+wait $p1 $p2
+echo "tests wall $(( $(date +%s) - t0 )) s"
+cat $logs/sdpa.txt | grep -E "^==|passed|failed" ; tail -n 15 $logs/profile.txt
+OUT=$out timeout 200 python3 bench/device/gpu_summary.py 2>&1 | tail -20
+PROFILE=0 timeout 60 python3 bench/device/host_flex.py 2>&1 | grep -E "idle|^document|^same|^sliding"
+tar czf $out/logs.tgz -C /tmp next-logs
+echo "total $(( $(date +%s) - t0 )) s"
