@@ -7,7 +7,8 @@ numba-cuda's compile_ptx for sm_90, then `ptxas -v` and `cuobjdump -sass`
         python bench/ptx_report.py KIND D [bwd] [causal] [mask] [mod] [--out DIR]
 
 KIND is f32 (3xTF32), bf16 or f16; ``mask`` an attn_mask, ``mod`` a FlexAttention
-(causal) mask_mod, ``doc`` a document mask_mod reading two int64 buffers (the kernel of its partial blocks; full blocks share it). The tile
+(causal) mask_mod, ``doc`` a document mask_mod reading two int64 buffers, ``alibi`` / ``softcap`` that
+score_mod beside the causal mask_mod (the kernel of its partial blocks; full blocks share it). The tile
 configuration comes from gpu/_mma.py / gpu/_mma_bwd.py or ATTN_GPU_TF32_CONFIG,
 ATTN_GPU_MMA_CONFIG, ATTN_GPU_TF32_BWD_CONFIG, ATTN_GPU_MMA_BWD_CONFIG. The float32
 backward is compiled whatever ATTN_GPU_TF32X3_BWD says. Needs ptxas and cuobjdump on
@@ -42,7 +43,8 @@ def main():
     kind, D = args[0], int(args[1])
     causal, mask = "causal" in args[2:], "mask" in args[2:]
     bwd, doc = "bwd" in args[2:], "doc" in args[2:]
-    mod = "mod" in args[2:] or doc
+    score = next((a for a in args[2:] if a in ("alibi", "softcap")), None)
+    mod = "mod" in args[2:] or doc or score is not None
 
     import attn
     try:
@@ -82,11 +84,18 @@ def main():
             m = _modgen.trace_mask_mod(document)
         else:
             m = _modgen.trace_mask_mod(amods.causal_mask)
-        mods = gpu.GpuMods.get(m, None)
-        sig = sig[:-4] + tuple(types.Array(numpy_type(b), 1, "C") for b in m.buffers) \
-            + sig[-4 + len(m.buffers):]
+        sm = None
+        if score == "alibi":
+            sm = _modgen.trace_score_mod(amods.alibi(8))
+        elif score == "softcap":
+            sm = _modgen.trace_score_mod(amods.tanh_softcap(30.0))
+        mods = gpu.GpuMods.get(m, sm)
+        bufs = list(m.buffers) + (list(sm.buffers) if sm is not None else [])
+        sig = sig[:-4] + tuple(types.Array(numpy_type(b), 1, "C") for b in bufs) \
+            + sig[-4 + len(bufs):]
     tag = (f"{kind}_{D}{'_bwd' if bwd else ''}{'_causal' if causal else ''}"
-           f"{'_mask' if mask else ''}{'_doc' if doc else '_mod' if mod else ''}")
+           f"{'_mask' if mask else ''}{'_doc' if doc else '_mod' if mod else ''}"
+           f"{'_' + score if score else ''}")
     t0 = time.time()
     if bwd:
         k = _mma_bwd.dkdv_kernel(kind, D, D, causal, mask, mods)

@@ -74,6 +74,10 @@ NEG_INF = np.float32(-np.inf)
 # applies them in registers (forward_kernel); ATTN_GPU_MASK_REGS=0 sends it through the
 # shared-memory copy of S as score_mod calls do. Read once at import.
 MASK_REGS = os.environ.get("ATTN_GPU_MASK_REGS", "1").strip() != "0"
+# A score_mod call (without attn_mask) applies the mod to the S registers of every
+# block, its mask_mod (if any) as bit sets on partial blocks (forward_kernel SCOREREG);
+# ATTN_GPU_SCORE_REGS=0 sends every block through the shared-memory copy of S instead.
+SCORE_REGS = os.environ.get("ATTN_GPU_SCORE_REGS", "1").strip() != "0"
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 LOG2E = np.float32(1.4426950408889634)
@@ -280,6 +284,36 @@ def mask_bits(mask_fn, CAUSAL: bool, NCB: int, KEYS_ALONG: bool):
     return bits_of
 
 
+def _score_regs(score_fn, MNS: int, NS: int):
+    """The forward's SCOREREG step as a device function written out element by element:
+    score_mod on each of the lane's MNS S registers, then the exclusions (bit j of the
+    row slot's ``lim`` when ``bits``, else column < ``lim``). Generated source, not a
+    loop: with the mod's body inside, NVVM leaves a 64-element loop rolled and S goes to
+    local memory (272-byte stack frame seen in ptxas); constant indices keep S in
+    registers."""
+    lines = ["def score_regs(s, lim, bits, c0, rw, b, h, Lq, Lk, sc, x0, x1, x2, x3):",
+             "    qa = Lq - 1", "    ka = Lk - 1"]
+    for idx in range(MNS):
+        r = 2 * (idx // NS) + ((idx >> 1) & 1)
+        j = 2 * ((idx % NS) >> 2) + (idx & 1)
+        dc = 8 * ((idx % NS) >> 2) + (idx & 1)
+        dr = 16 * (idx // NS) + 8 * ((idx >> 1) & 1)
+        lines += [
+            f"    x = elem(s[{idx}] * sc, b, h, min(rw + {dr}, qa), "
+            f"min(c0 + {dc}, ka), x0, x1, x2, x3) * LOG2E",
+            f"    keep = ((lim[{r}] >> {j}) & 1) != 0 if bits else c0 + {dc} < lim[{r}]",
+            f"    s[{idx}] = x if keep else NEG_INF"]
+    # The mod as its own device function, inlined by NVVM rather than by Numba: 64
+    # Numba-level inlines of it cost ~70 s of compile time, one call target ~5 s.
+    @cuda.jit(device=True)
+    def elem(x, b, h, q, k, x0, x1, x2, x3):
+        return float32(score_fn(x, b, h, q, k, x0, x1, x2, x3)[0])
+
+    ns = {"elem": elem, "LOG2E": LOG2E, "NEG_INF": NEG_INF}
+    exec(compile("\n".join(lines) + "\n", "<attn score_regs>", "exec"), ns)
+    return cuda.jit(device=True, inline=True)(ns["score_regs"])
+
+
 @lru_cache(maxsize=None)
 def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None):
     """The tensor-core forward for one specialisation; same arguments as
@@ -330,9 +364,17 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     # the lane's NCB columns, and the unrolled register loop applies the bits. Saves
     # the shared-memory round trip of S and lets the compiler hoist the row's loads.
     NCB = NS // 2  # columns of a row slot per lane and block
-    MASKREG = MASK_REGS and MASKMOD and not SCORE and not MASK and MT <= 2 and NCB <= 32
+    MASKBITS = MASK_REGS and MASKMOD and not MASK and MT <= 2 and NCB <= 32
+    MASKREG = MASKBITS and not SCORE
+    # score_mod in registers: the mod evaluated per element of the unrolled S loop at
+    # indices clamped into range (so its loads are always in bounds and need no branch),
+    # exclusions applied by select afterwards; a mask_mod's partial blocks through the
+    # bit sets above.
+    SCOREREG = (SCORE_REGS and SCORE and not MASK and MT <= 2
+                and (not MASKMOD or MASKBITS))
 
     row_bits = mask_bits(mask_fn, CAUSAL, NCB, True)
+    score_regs = _score_regs(score_fn, MNS, NS) if SCOREREG else None
     # float32 offset of the mods' S scratch (16-bit tiles: two elements per word)
     OMF = OV0 + 2 * VSZ if TF32 else (OV0 + 2 * VSZ) // 2
     load_q = _loader(BM, D, LDQ, NTH, kind, o_.cp16)
@@ -502,6 +544,24 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                     j = 2 * ((idx % NS) >> 2) + (idx & 1)
                     bit = (lim[2 * (idx // NS) + ((idx >> 1) & 1)] >> j) & 1
                     s[idx] = x if bit != 0 else NEG_INF
+            elif SCOREREG:
+                bits = MASKMOD and partial
+                if bits:
+                    c0 = n0 + 2 * t
+                    lim[0] = row_bits(b, h, rw, c0, Lq, Lk, x0, x1, x2, x3)
+                    lim[1] = row_bits(b, h, rw + 8, c0, Lq, Lk, x0, x1, x2, x3)
+                    if MT > 1:
+                        lim[2] = row_bits(b, h, rw + 16, c0, Lq, Lk, x0, x1, x2, x3)
+                        lim[3] = row_bits(b, h, rw + 24, c0, Lq, Lk, x0, x1, x2, x3)
+                else:
+                    # Keys past Lk and (diagonal blocks) causal exclusions: column < limit.
+                    for r in range(MR):
+                        lim[r] = Lk
+                        if CAUSAL and partial:
+                            row1 = rw + 16 * (r >> 1) + 8 * (r & 1) + 1
+                            if row1 < Lk:
+                                lim[r] = row1
+                score_regs(s, lim, bits, n0 + 2 * t, rw, b, h, Lq, Lk, sc, x0, x1, x2, x3)
             elif SCORE or (MASKS and partial):
                 # Mods and attn_mask: the per-element work can be large, so it runs on
                 # a copy of S in shared memory (each lane its own column, no barrier

@@ -78,11 +78,13 @@ def flex_spec(mask_mod, score_mod, B, H, L, block):
     return bm, spec
 
 # The FlexAttention cases of the tensor-core tests: float16, L = 49, GQA 2/1, D = 16,
-# BLOCK_SIZE 32 (a multiple of both kernels' simulator tiles); a causal mask with ALiBi
-# and a document mask.
+# BLOCK_SIZE 32 (a multiple of both kernels' simulator tiles); a causal mask with ALiBi,
+# a document mask, and a score_mod alone (no block mask: the forward's score-in-registers
+# path without bit sets, keys past Lk excluded by column).
 MMA_FLEX_L = 49
 MMA_FLEX_MODS = ((mods.causal_mask, mods.alibi(2)),
-                 (mods.document_mask(torch.tensor([0, 10, 11, 40, 49])), None))
+                 (mods.document_mask(torch.tensor([0, 10, 11, 40, 49])), None),
+                 (None, mods.tanh_softcap(2.0)))
 
 def mma_flex_inputs(seed):
     g = torch.Generator().manual_seed(seed)

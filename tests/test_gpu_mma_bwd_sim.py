@@ -115,7 +115,7 @@ _SCRIPT = FLEX + textwrap.dedent(
     go = torch.randn(1, 2, MMA_FLEX_L, 16, generator=g).to(dt)
     for mask_mod, score_mod in MMA_FLEX_MODS:
         bm, spec = flex_spec(mask_mod, score_mod, 1, 2, MMA_FLEX_L, 32)
-        assert not gpu.mma_bwd_reasons(dt, 16, 16, None, bm.BLOCK_SIZE)
+        assert not gpu.mma_bwd_reasons(dt, 16, 16, None, bm and bm.BLOCK_SIZE)
         out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
         before = dict(used)
         grads = gpu.backward(q, k, v, out, lse, go, None, None, False, None, flex=spec)

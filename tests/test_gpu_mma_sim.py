@@ -86,10 +86,10 @@ _SCRIPT = FLEX + textwrap.dedent(
     g, q, k, v = mma_flex_inputs(6)
     for mask_mod, score_mod in MMA_FLEX_MODS:
         bm, spec = flex_spec(mask_mod, score_mod, 1, 2, MMA_FLEX_L, 32)
-        assert not gpu.mma_reasons(dt, 16, 16, None, bm.BLOCK_SIZE)
+        assert not gpu.mma_reasons(dt, 16, 16, None, bm and bm.BLOCK_SIZE)
         out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
         ro, rl, _ = ref_flex(q.double(), k.double(), v.double(), score_mod, bm, None, True)
-        worst = max(worst, check(f"flex {mask_mod}", out, lse, ro, rl))
+        worst = max(worst, check(f"flex {mask_mod} {score_mod}", out, lse, ro, rl))
     print("OK mma forward; worst abs error", worst)
     """
 )
@@ -103,8 +103,8 @@ def test_mma_forward_in_cuda_simulator():
 # MASKREG), written out per row slot for one or two m16 tiles per warp: the simulator's
 # default tiles have one, so this runs a two-tile configuration (2 warps x 2 tiles =
 # 64-row q blocks, 16-key kv blocks; BLOCK_SIZE (64, 32)) against the float64 reference.
-# (ATTN_GPU_MASK_REGS=0 sends these blocks through the shared-memory copy of S, which the
-# score_mod cases above run.)
+# (ATTN_GPU_MASK_REGS=0 sends these blocks through the shared-memory copy of S; the
+# score_mod cases above run in registers too, forward_kernel's SCOREREG.)
 _MASK_BITS = FLEX + textwrap.dedent(
     r"""
     from attn.reference import flex_attention as ref_flex
