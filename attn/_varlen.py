@@ -63,6 +63,9 @@ _BIG = 1 << 40
 # version, so a changed tensor is read again. (Writes that bypass PyTorch — DLPack, a
 # Numba kernel on its memory — do not bump it: pass a new tensor after those.)
 _HOST_COPIES: dict = {}
+# The same for values read without the offsets checks (_host_values): a table of its own,
+# so that an unchecked copy never passes for a checked one.
+_HOST_VALUES: dict = {}
 _HOST_COPIES_SIZE = 64
 
 
@@ -71,10 +74,10 @@ def _copy_costs_sync(cu: Tensor) -> bool:
     return cu.device.type != "cpu"
 
 
-def _host_copy(cu: Tensor):
+def _host_copy(cu: Tensor, table=None):
     if not _copy_costs_sync(cu):
         return None
-    hit = _HOST_COPIES.get(id(cu))
+    hit = (_HOST_COPIES if table is None else table).get(id(cu))
     if hit is None:
         return None
     ref, stamp, copy = hit
@@ -87,15 +90,26 @@ def _stamp(cu: Tensor):
     return (cu._version, cu.data_ptr(), cu.dtype, cu.shape, cu.stride(), cu.device)
 
 
-def _remember_host_copy(cu: Tensor, copy: Tensor) -> None:
+def _remember_host_copy(cu: Tensor, copy: Tensor, table=None) -> None:
     if not _copy_costs_sync(cu):
         return
     import weakref
 
+    table = _HOST_COPIES if table is None else table
     with _LOCK:
-        while len(_HOST_COPIES) >= _HOST_COPIES_SIZE:
-            _HOST_COPIES.pop(next(iter(_HOST_COPIES)))
-        _HOST_COPIES[id(cu)] = (weakref.ref(cu), _stamp(cu), copy)
+        while len(table) >= _HOST_COPIES_SIZE:
+            table.pop(next(iter(table)))
+        table[id(cu)] = (weakref.ref(cu), _stamp(cu), copy)
+
+
+def _host_values(t: Tensor) -> Tensor:
+    """``t``'s values as a CPU int64 tensor, read from the device once per tensor and
+    version (_HOST_VALUES)."""
+    c = _host_copy(t, _HOST_VALUES)
+    if c is None:
+        c = t.detach().to("cpu", torch.int64)
+        _remember_host_copy(t, c, _HOST_VALUES)
+    return c
 
 
 def _check_offsets(cu, name: str, n_tokens: int | None, device, tokens_name: str):
@@ -896,9 +910,9 @@ def nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropo
     qv, q_off, q_len = _jagged_parts(query)
     kv_, k_off, k_len = _jagged_parts(key)
     vv, v_off, v_len = _jagged_parts(value)
-    same_kv = (v_off is k_off or torch.equal(v_off.cpu(), k_off.cpu())) and (
+    same_kv = (v_off is k_off or torch.equal(_host_values(v_off), _host_values(k_off))) and (
         (k_len is None) == (v_len is None)
-        and (k_len is None or torch.equal(k_len.cpu(), v_len.cpu())))
+        and (k_len is None or torch.equal(_host_values(k_len), _host_values(v_len))))
     if not same_kv:
         raise ValueError("key and value must have the same sequence lengths (offsets)")
     q_idx = None

@@ -682,3 +682,18 @@ def test_device_offsets_host_copy_cache(monkeypatch):
     seqs = [q[a:b].transpose(0, 1).unsqueeze(0).double() for a, b in ((0, 5), (5, 7))]
     ref = torch.cat([ref_attention(x, x, x)[0][0].transpose(0, 1) for x in seqs])
     torch.testing.assert_close(o3.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unchecked_host_values_never_pass_as_checked(monkeypatch):
+    """Values read for the nested path's key/value comparison (_host_values) are cached
+    apart from checked offsets: bad offsets read that way first still fail the check."""
+    from attn import _varlen
+
+    monkeypatch.setattr(_varlen, "_copy_costs_sync", lambda cu: True)
+    monkeypatch.setattr(_varlen, "_HOST_COPIES", {})
+    monkeypatch.setattr(_varlen, "_HOST_VALUES", {})
+    bad = torch.tensor([0, 5, 3], dtype=torch.int32)
+    assert _varlen._host_values(bad).tolist() == [0, 5, 3]
+    assert _varlen._host_values(bad) is _varlen._host_values(bad)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        _varlen._check_offsets(bad, "cu_seq_q", 3, None, "query")
