@@ -530,7 +530,12 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             # block. Every loop that indexes registers has a small body, so that it is
             # fully unrolled (a loop left rolled would move S to local memory).
             partial = it >= nf
-            if MASKREG and partial:
+            # Per row slot r, the exclusions of this block in lim[r]: the mask bits of a
+            # partial block of a register-path mask_mod, else the column limit (keys
+            # past Lk, causal diagonal) wherever a register path applies it.
+            bits = (MASKREG or SCOREREG) and MASKMOD and partial
+            shared = not SCOREREG and (SCORE or (MASKS and partial))
+            if bits:
                 # The row-slot calls are written out (constant indices into lim), so
                 # the loop that calls the rolled mask loop is not itself a loop.
                 c0 = n0 + 2 * t
@@ -539,28 +544,20 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                 if MT > 1:
                     lim[2] = row_bits(b, h, rw + 16, c0, Lq, Lk, x0, x1, x2, x3)
                     lim[3] = row_bits(b, h, rw + 24, c0, Lq, Lk, x0, x1, x2, x3)
+            elif SCOREREG or (not shared and (partial or n0 + BN > Lk)):
+                for r in range(MR):
+                    lim[r] = Lk
+                    if CAUSAL and partial:
+                        row1 = rw + 16 * (r >> 1) + 8 * (r & 1) + 1
+                        if row1 < Lk:
+                            lim[r] = row1
+            if MASKREG and partial:
                 for idx in range(MNS):
                     x = s[idx] * sl2
                     j = 2 * ((idx % NS) >> 2) + (idx & 1)
                     bit = (lim[2 * (idx // NS) + ((idx >> 1) & 1)] >> j) & 1
                     s[idx] = x if bit != 0 else NEG_INF
             elif SCOREREG:
-                bits = MASKMOD and partial
-                if bits:
-                    c0 = n0 + 2 * t
-                    lim[0] = row_bits(b, h, rw, c0, Lq, Lk, x0, x1, x2, x3)
-                    lim[1] = row_bits(b, h, rw + 8, c0, Lq, Lk, x0, x1, x2, x3)
-                    if MT > 1:
-                        lim[2] = row_bits(b, h, rw + 16, c0, Lq, Lk, x0, x1, x2, x3)
-                        lim[3] = row_bits(b, h, rw + 24, c0, Lq, Lk, x0, x1, x2, x3)
-                else:
-                    # Keys past Lk and (diagonal blocks) causal exclusions: column < limit.
-                    for r in range(MR):
-                        lim[r] = Lk
-                        if CAUSAL and partial:
-                            row1 = rw + 16 * (r >> 1) + 8 * (r & 1) + 1
-                            if row1 < Lk:
-                                lim[r] = row1
                 score_regs(s, lim, bits, n0 + 2 * t, rw, b, h, Lq, Lk, sc, x0, x1, x2, x3)
             elif SCORE or (MASKS and partial):
                 # Mods and attn_mask: the per-element work can be large, so it runs on
@@ -590,12 +587,6 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                     s[idx] = smf[OMF + idx * NTH + tid]
             elif partial or n0 + BN > Lk:
                 # Keys past Lk and (diagonal blocks) causal exclusions: column < limit.
-                for r in range(MR):
-                    lim[r] = Lk
-                    if CAUSAL and partial:
-                        row1 = rw + 16 * (r >> 1) + 8 * (r & 1) + 1
-                        if row1 < Lk:
-                            lim[r] = row1
                 c0 = n0 + 2 * t
                 for idx in range(MNS):
                     x = s[idx] * sl2
