@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import weakref
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 
@@ -93,8 +94,6 @@ def _stamp(cu: Tensor):
 def _remember_host_copy(cu: Tensor, copy: Tensor, table=None) -> None:
     if not _copy_costs_sync(cu):
         return
-    import weakref
-
     table = _HOST_COPIES if table is None else table
     with _LOCK:
         while len(table) >= _HOST_COPIES_SIZE:
