@@ -78,7 +78,13 @@ for dtype in (torch.float32, torch.bfloat16):
                       flush=True)
                 del q, k, v, do
                 torch.cuda.empty_cache()
+try:
+    from importlib.metadata import version
+    numba_cuda = version("numba-cuda")
+except Exception:  # not installed as a distribution
+    numba_cuda = None
 out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+       "numba_cuda": numba_cuda,
        "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t_start, "rows": rows}
 if os.environ.get("OUT"):
     with open(os.path.join(os.environ["OUT"], "gpu-summary.json"), "w") as f:
