@@ -375,6 +375,8 @@ def gpu_report(p: Problem, repeats: int = 20, warmup: int = 3, code: bool = True
             "threads": threads,
             "dynamic_shared_bytes": L["shmem"],
         }
+        if getattr(fn, "__name__", None) in _cuda.NO_LINEINFO:
+            row["lineinfo_missing"] = _cuda.NO_LINEINFO[fn.__name__]
 
         def replay(L=L):
             _cuda.launch(L["kernel"], L["grid"], L["block"], L["args"], L["device_index"],
@@ -446,6 +448,8 @@ def _format_gpu(r: dict) -> str:
                      f"grid={kr['grid']} block={kr['threads']} "
                      f"dynamic smem={kr['dynamic_shared_bytes']} B")
         lines.append(f"    specialisation: {spec}")
+        if "lineinfo_missing" in kr:
+            lines.append(f"    built without line info: {kr['lineinfo_missing']}")
         if r["simulator"]:
             lines.append(f"    {kr['note']}")
             lines.append(f"    simulated launch: {kr['seconds']:.3f} s")

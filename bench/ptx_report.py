@@ -108,7 +108,7 @@ def main():
     else:
         k = _mma.forward_kernel(kind, D, D, causal, mask, mods)
         cfg = _mma.config(D, D, kind)
-    ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0))
+    ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0), lineinfo="--lineinfo" in sys.argv)
     print(tag, cfg, f"compile {time.time() - t0:.1f}s")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.ptx").write_text(ptx)

@@ -469,12 +469,6 @@ def mma_bwd_reasons(dtype, D, Dv, tiling=None, block_size=None, atomic=True) -> 
     if dtype == torch.float32 and not TF32X3_BACKWARD:
         extra.append("float32 tensor-core backward switched off (ATTN_GPU_TF32X3_BWD=0, "
                      "attn.gpu.TF32X3_BACKWARD is False)")
-    if dtype == torch.float32 and _kernels.LINEINFO:
-        # On the H200 (2026-12-02) NVVM failed with ERROR_COMPILATION building this kernel
-        # with lineinfo=True (tests/test_profile.py::test_gpu_lineinfo_build; numba-cuda
-        # issue #876: line info on large kernels); a profiling build must not crash.
-        extra.append("line-info builds (ATTN_GPU_LINEINFO=1) of the float32 tensor-core "
-                     "backward fail in NVVM (numba-cuda issue #876): the SIMT backward runs")
     if not atomic:
         extra.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
     return _tensor_core_reasons(_mma_bwd, "backward", dtype, D, Dv, tiling, block_size,

@@ -440,6 +440,34 @@ def _set_max_dynamic_shared(handle, nbytes: int):
         drv.driver.cuFuncSetAttribute(handle, _MAX_DYNAMIC_SHARED, nbytes)
 
 
+# Kernels a line-info build compiled without line info, by kernel name: the reason.
+NO_LINEINFO: dict[str, str] = {}
+
+
+def _compile(dispatcher, tys):
+    """``dispatcher.compile(tys)``; in a line-info build (``lineinfo`` in its target
+    options) a kernel NVVM refuses to compile with line info is compiled again without
+    it and named in NO_LINEINFO, so a profiling run reports the kernel instead of
+    failing. On the H200 (numba-cuda 0.30.4, CUDA 13) NVVM fails with "Symbol name with
+    unsupported characters" on one llvm.dbg.value of an inlined device function's
+    argument in each backward kernel (the forward kernels compile); dropping that one
+    call makes it compile (reproduced from the dumped NVVM IR on a machine without a GPU;
+    numba-cuda issue #876 is the same failure on other large kernels)."""
+    opts = getattr(dispatcher, "targetoptions", {})
+    if not opts.get("lineinfo"):
+        return dispatcher.compile(tys)
+    try:
+        return dispatcher.compile(tys)
+    except Exception as e:  # NVVM's error class differs between bindings
+        if "nvvm" not in type(e).__module__.lower() and "NVVM" not in str(e):
+            raise
+        plain = cuda.jit(**{k: v for k, v in opts.items()
+                            if k in ("cache", "fastmath", "opt", "link")},
+                         lineinfo=False)(dispatcher.py_func)
+        NO_LINEINFO[dispatcher.py_func.__name__] = f"NVVM refused line info: {e}"[:200]
+        return plain.compile(tys)
+
+
 class _Prepared:
     """One kernel specialisation compiled for its argument types, with its shared-memory
     limit raised and, when the driver binding allows, a fast launcher."""
@@ -461,7 +489,7 @@ class _Prepared:
         # Compiling for explicit types (or loading them from Numba's on-disk cache)
         # yields the driver function before the first launch, so the shared-memory
         # attribute is in place when that launch needs more than 48 KiB.
-        self.kern = dispatcher.compile(tuple(tys))
+        self.kern = _compile(dispatcher, tuple(tys))
         if not hasattr(self.kern, "get_regs_per_thread"):  # a Numba returning the cres
             self.kern = dispatcher.overloads[tuple(tys)]
         lib = getattr(self.kern, "_codelibrary", None) or getattr(self.kern, "library")

@@ -138,10 +138,16 @@ def test_gpu_lineinfo_build(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["lineinfo"]
+    # NVVM refuses line info for the backward kernels (gpu/_cuda.py _compile): those
+    # are built without it and say so; the forward keeps it.
+    fwd = [k for k in r["kernels"] if k["phase"] == "forward"]
+    assert fwd and all("lineinfo_missing" not in k for k in fwd)
+    assert all(k["seconds"] > 0 for k in r["kernels"])
     # float32 runs the 3xTF32 tensor-core kernels (attn.gpu._mma*) and the SIMT helpers
-    # (delta, dQ); line info reaches every one of them through the shared _JIT options.
+    # (delta, dQ); line info reaches them through the shared _JIT options.
     assert {k["module"] for k in r["kernels"]} & {"attn.gpu._mma", "attn.gpu._mma_bwd",
                                                   "attn.gpu._kernels"}
     for k in r["kernels"]:
         ptx = (tmp_path / f"{k['index']}_{k['phase']}_{k['name']}.ptx").read_text()
-        assert ".loc" in ptx, k["name"]  # source locations for Nsight Compute's source view
+        # source locations for Nsight Compute's source view, where NVVM allowed them
+        assert (".loc" in ptx) == ("lineinfo_missing" not in k), k["name"]
