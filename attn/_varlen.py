@@ -435,11 +435,10 @@ def _build(cq, ck, used, window, top_left, BLOCK_SIZE, device):
         fkv_num, fkv_idx = _ordered(full)
         bm = BlockMask.from_kv_blocks(kv_num, kv_idx, fkv_num, fkv_idx, BLOCK_SIZE=BLOCK_SIZE,
                                       mask_mod=mask_mod, seq_lengths=(lay.Tq, lay.Tk))
-        if torch.device(device).type == "cpu":
-            # The CPU kernels read the offsets and the band themselves (q tiles per
-            # sequence, none straddling a boundary); the lists serve other kernels.
-            bm._attn_jagged = JaggedBand(lay.q0, lay.q1, lay.k0, lay.k1, lay.diag,
-                                         left, right)
+        # The CPU kernels and the GPU forward read the offsets and the band themselves
+        # (q tiles per sequence, none straddling a boundary); the lists serve the
+        # other kernels (the GPU backward, torch's flex_attention).
+        bm._attn_jagged = JaggedBand(lay.q0, lay.q1, lay.k0, lay.k1, lay.diag, left, right)
     res = (mask_mod, bm)
     with _LOCK:
         _CACHE[key] = res

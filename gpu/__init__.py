@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-from attn._blocks import dense_block_classes
+from attn._blocks import JaggedBand, dense_block_classes
 
 from . import _cuda
 from ._cuda import SIM, launch
@@ -359,6 +359,91 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, f
     return out, lse
 
 
+# Packed jagged batches (attn.varlen_attn, attn.document_block_mask) whose mask carries
+# a JaggedBand run the forward per sequence (gpu/_mma.py JAG) instead of over the block
+# lists; ATTN_GPU_JAGGED=0 keeps the block-list path (the A/B switch of the benchmarks).
+JAGGED = os.environ.get("ATTN_GPU_JAGGED", "1").strip() != "0"
+_BIG = 1 << 30  # an unbounded window side (keeps r + dg inside int32 for r < 2**30)
+
+
+def _band(flex):
+    """The JaggedBand of a flex call's block mask, or None."""
+    if flex is None or flex.block_mask is None:
+        return None
+    band = getattr(flex.block_mask, "_attn_jagged", None)
+    return band if isinstance(band, JaggedBand) else None
+
+
+def jagged_reasons(dtype, D, Dv, B, flex, attn_mask=None, tiling=None) -> list[str]:
+    """Why a flex call with a jagged band does not run the per-sequence forward (empty
+    when it does)."""
+    r = [] if JAGGED else ["ATTN_GPU_JAGGED=0"]
+    band = _band(flex)
+    if band is None:
+        return ["no jagged band on the block mask"]
+    if band.left >= 0:
+        r.append("a left window edge (the per-sequence forward applies upper column "
+                 "limits only): the block lists serve it")
+    if flex.score_mod is not None:
+        r.append("a score_mod")
+    if attn_mask is not None:
+        r.append("an attn_mask")
+    if B != 1:
+        r.append(f"batch {B} (a packed batch is one sequence of tokens)")
+    return r + mma_reasons(dtype, D, Dv, tiling)
+
+
+def jagged_items(band, BM: int, BN: int, device) -> torch.Tensor:
+    """The per-sequence forward's item table (int32, 8 per item, on ``device``; cached
+    on the band): one item per BM-query tile of each sequence, [first row, the
+    sequence's query end, its first key, kv tiles, its key end, dg (row r sees keys
+    below r + dg), 0, 0], ordered by kv tiles ascending (the kernel runs the last item
+    first, so the heaviest start first)."""
+    key = ("gpu-items", BM, BN, str(device))
+    hit = band._schedules.get(key)
+    if hit is not None:
+        return hit
+    R = _BIG if band.right < 0 else band.right
+    q0, q1, k0, k1, c = band.q0, band.q1, band.k0, band.k1, band.diag
+    n_tiles = (q1 - q0 + BM - 1) // BM
+    seq = torch.repeat_interleave(torch.arange(q0.numel()), n_tiles)
+    first = torch.cumsum(n_tiles, 0) - n_tiles
+    qa = q0[seq] + (torch.arange(seq.numel()) - first[seq]) * BM
+    qz = torch.minimum(qa + BM, q1[seq]) - 1
+    ks, ke = k0[seq], k1[seq]
+    dg = torch.clamp(c[seq] + R + 1, max=_BIG)
+    hi = torch.minimum(ke, qz + dg)  # one past the tile's last visible key
+    nt = torch.where(hi > ks, (hi - ks + BN - 1) // BN, 0)
+    tab = torch.stack([qa, q1[seq], ks, nt, ke, dg, torch.zeros_like(qa),
+                       torch.zeros_like(qa)], 1)
+    tab = tab[torch.sort(nt, stable=True).indices].to(torch.int32).contiguous()
+    hit = band._schedules[key] = tab.to(device)
+    return hit
+
+
+def _jagged_forward(q, k, v, out, lse, band, scale):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    kind = _KIND[q.dtype]
+    BM, BN = _mma.tile(D, Dv, kind)
+    items = jagged_items(band, BM, BN, q.device)
+    if items.shape[0] == 0:
+        return out, lse
+    d = _dummy(q.device)
+    marr, ms = _mask_args(None, q.device)
+    args = (
+        q, k, v,
+        out, lse, marr,
+        *_strides4(q), *_strides4(k), *_strides4(v), *out.stride(), *ms,
+        Hq, Hq // Hkv, Lq, Lk, scale,
+        items, d, d, d, 0, 0, 0, d, d, d, d,
+    )
+    launch(_mma.forward_kernel(kind, D, Dv, False, False, None, True),
+           (items.shape[0], B * Hq), _mma.threads(D, Dv, kind), args, q.device.index,
+           _mma.shared_bytes(D, Dv, False, kind))
+    return out, lse
+
+
 def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, flex=None):
     _check(q, k, v)
     B, Hq, Lq, D = q.shape
@@ -368,6 +453,8 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
+    if flex is not None and not jagged_reasons(q.dtype, D, Dv, B, flex, attn_mask, tiling):
+        return _jagged_forward(q, k, v, out, lse, _band(flex), scale)
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
     mods, bufs = _flex_args(flex, q.device)
     bs = None if flex is None or flex.block_mask is None else flex.block_mask.BLOCK_SIZE

@@ -27,10 +27,10 @@ import torch
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() == "1"
 
 from numba import cuda  # noqa: E402  (the only numba.cuda import of attn)
-from numba import float32, int32, uint64  # noqa: E402,F401
+from numba import float32, int32, int64, uint64  # noqa: E402,F401
 
-__all__ = ["SIM", "cuda", "float32", "int32", "uint64", "available", "as_kernel_array",
-           "launch", "int_as_float", "float_as_int", "fast_exp", "ld4", "capture", "bind",
+__all__ = ["SIM", "cuda", "float32", "int32", "int64", "uint64", "available",
+           "as_kernel_array", "launch", "int_as_float", "float_as_int", "fast_exp", "ld4", "capture", "bind",
            "Bound"]
 
 

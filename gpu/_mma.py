@@ -63,7 +63,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ._cuda import SIM, cuda, float32, int32
+from ._cuda import SIM, cuda, float32, int32, int64
 from ._kernels import _JIT, _block_at, _hooks, _storer
 from ._ptx import SCRATCH_WORDS, gaddr, ops
 
@@ -315,11 +315,24 @@ def _score_regs(score_fn, MNS: int, NS: int):
 
 
 @lru_cache(maxsize=None)
-def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None):
+def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
+                   JAG: bool = False):
     """The tensor-core forward for one specialisation; same arguments as
-    _kernels.forward_kernel's kernels."""
+    _kernels.forward_kernel's kernels.
+
+    ``JAG``: packed variable-length sequences (B = 1) scheduled per sequence, as
+    FlashAttention's varlen kernels: CTA x reads item ``kvf_num[8 * x : 8 * x + 6]`` of a
+    table (jagged_items) = first query row m0, the sequence's query end, its first key,
+    the number of BN-key tiles, its key end, and ``dg``: row r sees keys below r + dg
+    (its causal / right-window edge). Q tiles start at the sequence's first query and
+    kv tiles at its first key, so no tile straddles two sequences and no mask_mod runs:
+    the only exclusions are the column limits min(key end, r + dg). The other list
+    arguments are unused."""
     if reasons(kind, D, Dv):
         raise ValueError("; ".join(reasons(kind, D, Dv)))
+    if JAG and (CAUSAL or MASK or mods is not None):
+        raise ValueError("the jagged forward takes its limits from the item table: no "
+                         "causal flag, attn_mask or mods")
     mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
     o_ = ops(kind)
     frag_a, frag_b2, frag_bt2, mma = o_.frag_a, o_.frag_b2, o_.frag_bt2, o_.mma
@@ -400,7 +413,6 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
         lane = tid & 31
         g = lane >> 2
         t = lane & 3
-        m0 = qb * BM
 
         sm = cuda.shared.array(0, ELT)
         scr = cuda.shared.array(SCR, float32)
@@ -426,9 +438,25 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
         kbase = b * ks_b + hk * ks_h
         vbase = b * vs_b + hk * vs_h
         mbase = b * ms_b + h * ms_h
-        lr = b * lb + h * lh + qb
-        nf = kvf_num[lr]
-        nt = nf + kvp_num[lr]
+        if JAG:
+            e = 8 * qb  # items ordered lightest first: qb runs heaviest first
+            m0 = kvf_num[e]
+            qlim = kvf_num[e + 1]   # rows at or past it: another sequence
+            nb0 = kvf_num[e + 2]
+            nt = kvf_num[e + 3]
+            klim = kvf_num[e + 4]   # keys at or past it: another sequence
+            dg = kvf_num[e + 5]
+            lim0 = min(klim, m0 + dg)      # the tile's first row has the lowest limit
+            nf = int64(0)
+            lr = int64(0)
+        else:
+            m0 = int64(qb * BM)
+            qlim = int64(Lq)
+            klim = int64(Lk)
+            nb0 = dg = lim0 = int64(0)
+            lr = b * lb + h * lh + qb
+            nf = int64(kvf_num[lr])
+            nt = nf + kvp_num[lr]
         rw = m0 + 16 * MT * w + g  # row of slot 0
         OQW = OQ + 16 * MT * w * LDQ  # this warp's Q rows
 
@@ -436,12 +464,15 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
         vq = vec_ok(q, qbase, qs_l, qs_d)
         vk = vec_ok(k, kbase, ks_l, ks_d)
         vv = vec_ok(v, vbase, vs_l, vs_d)
-        load_q(sm, OQ, q, qbase, m0, qs_l, qs_d, Lq, tid, vq)
+        load_q(sm, OQ, q, qbase, m0, qs_l, qs_d, qlim, tid, vq)
         commit()
         if nt > 0:
-            n0 = _block_at(0, nf, lr, ncols, kvf_idx, kvp_idx) * BN
-            load_k(sm, OK0, k, kbase, n0, ks_l, ks_d, Lk, tid, vk)
-            load_v(sm, OV0, v, vbase, n0, vs_l, vs_d, Lk, tid, vv)
+            if JAG:
+                n0 = nb0
+            else:
+                n0 = _block_at(0, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+            load_k(sm, OK0, k, kbase, n0, ks_l, ks_d, klim, tid, vk)
+            load_v(sm, OV0, v, vbase, n0, vs_l, vs_d, klim, tid, vv)
         commit()
         wait_one()  # Q has landed (groups complete in order)
         cuda.syncthreads()
@@ -459,13 +490,19 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
 
         for it in range(nt):
             buf = it & 1
-            n0 = _block_at(it, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+            if JAG:
+                n0 = nb0 + it * BN
+            else:
+                n0 = _block_at(it, nf, lr, ncols, kvf_idx, kvp_idx) * BN
             if it + 1 < nt:
                 # Prefetch block it+1 into the other buffer: free since the barrier at
                 # the end of iteration it-1.
-                n1 = _block_at(it + 1, nf, lr, ncols, kvf_idx, kvp_idx) * BN
-                load_k(sm, OK0 + (1 - buf) * KSZ, k, kbase, n1, ks_l, ks_d, Lk, tid, vk)
-                load_v(sm, OV0 + (1 - buf) * VSZ, v, vbase, n1, vs_l, vs_d, Lk, tid, vv)
+                if JAG:
+                    n1 = n0 + BN
+                else:
+                    n1 = _block_at(it + 1, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+                load_k(sm, OK0 + (1 - buf) * KSZ, k, kbase, n1, ks_l, ks_d, klim, tid, vk)
+                load_v(sm, OV0 + (1 - buf) * VSZ, v, vbase, n1, vs_l, vs_d, klim, tid, vv)
                 commit()
                 wait_one()
             else:
@@ -529,7 +566,8 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             # ((idx >> 1) & 1) and column 8*((idx % NS) >> 2) + 2t + (idx & 1) of the
             # block. Every loop that indexes registers has a small body, so that it is
             # fully unrolled (a loop left rolled would move S to local memory).
-            partial = it >= nf
+            # (JAG: a tile is partial where a column limit cuts into it)
+            partial = n0 + BN > lim0 if JAG else it >= nf
             # Per row slot r, the exclusions of this block in lim[r]: the mask bits of a
             # partial block of a register-path mask_mod, else the column limit (keys
             # past Lk, causal diagonal) wherever a register path applies it.
@@ -544,10 +582,14 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                 if MT > 1:
                     lim[2] = row_bits(b, h, rw + 16, c0, Lq, Lk, x0, x1, x2, x3)
                     lim[3] = row_bits(b, h, rw + 24, c0, Lq, Lk, x0, x1, x2, x3)
-            elif SCOREREG or (not shared and (partial or n0 + BN > Lk)):
+            elif SCOREREG or (not shared and (partial or n0 + BN > klim)):
                 for r in range(MR):
-                    lim[r] = Lk
-                    if CAUSAL and partial:
+                    lim[r] = klim
+                    if JAG:
+                        rl = rw + 16 * (r >> 1) + 8 * (r & 1) + dg
+                        if rl < klim:
+                            lim[r] = rl
+                    elif CAUSAL and partial:
                         row1 = rw + 16 * (r >> 1) + 8 * (r & 1) + 1
                         if row1 < Lk:
                             lim[r] = row1
@@ -585,7 +627,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                     smf[OMF + idx * NTH + tid] = x * LOG2E if ok else NEG_INF
                 for idx in range(MNS):
                     s[idx] = smf[OMF + idx * NTH + tid]
-            elif partial or n0 + BN > Lk:
+            elif partial or n0 + BN > klim:
                 # Keys past Lk and (diagonal blocks) causal exclusions: column < limit.
                 c0 = n0 + 2 * t
                 for idx in range(MNS):
@@ -687,7 +729,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             l_r[r] = quad_sum(scr, l_r[r])
         for r in range(MR):
             row = rw + 16 * (r >> 1) + 8 * (r & 1)
-            if row < Lq:
+            if row < qlim:
                 lsum = l_r[r]
                 inv = ZERO
                 if lsum > ZERO:

@@ -137,3 +137,50 @@ def test_mma_forward_mask_bits_two_tiles_in_simulator(monkeypatch):
     monkeypatch.delenv("ATTN_GPU_MASK_REGS", raising=False)
     out = run_script(_MASK_BITS, timeout=900)
     assert "MASK_REGS True" in out
+
+
+# Packed jagged batches (attn.document_block_mask / varlen_attn masks carry a
+# JaggedBand): the forward schedules q tiles per sequence (gpu/_mma.py JAG, item table
+# gpu.jagged_items) instead of walking the block lists. Simulator tiles are 32 queries x
+# 16 keys, so the lengths give empty sequences, a one-token one, ragged tiles in both
+# dims, Lq != Lk per sequence (bottom-right causal diagonals, rows that see no key),
+# GQA 2/1; non-causal, causal and a right window. A left window keeps the block lists
+# (jagged_reasons says so) and is checked the same way.
+_JAGGED = FLEX + textwrap.dedent(
+    r"""
+    from attn.reference import flex_attention as ref_flex
+    dt = torch.float16
+    cq = torch.tensor([0, 0, 1, 18, 51, 51, 84])
+    ck = torch.tensor([0, 3, 3, 37, 60, 61, 100])
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(1, 2, int(cq[-1]), 16, generator=g).to(dt)
+    k, v = (torch.randn(1, 1, int(ck[-1]), 16, generator=g).to(dt) for _ in range(2))
+    worst, runs = 0.0, []
+    for window, kv in (((-1, -1), ck), ((-1, 0), ck), ((-1, 0), None), ((-1, 5), ck),
+                   ((4, 0), ck)):
+        kk, vv = (k, v) if kv is not None else (k[:, :, :84], v[:, :, :84])
+        bm = attn.document_block_mask(cq, kv, window_size=window)
+        spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod), None, False,
+                          None)
+        why = gpu.jagged_reasons(dt, 16, 16, 1, spec)
+        assert bool(why) == (window[0] >= 0), (window, why)
+        runs.append(not why)
+        out, lse = gpu.forward(q, kk, vv, None, False, None, flex=spec)
+        ro, rl, _ = ref_flex(q.double(), kk.double(), vv.double(), None, bm, None, True)
+        fin = torch.isfinite(rl)
+        name = f"window {window} {'own keys' if kv is not None else 'self'}"
+        assert torch.equal(torch.isfinite(lse), fin), name
+        assert not torch.isnan(out).any() and (out[~fin] == 0).all(), name
+        e = (out.double() - ro).abs().max().item()
+        el = (lse[fin].double() - rl[fin]).abs().max().item()
+        assert e <= 4e-3 and el <= 1e-4, f"{name}: out err {e}, lse err {el}"
+        worst = max(worst, e)
+    assert sum(runs) == 4, runs
+    items = gpu.jagged_items(bm._attn_jagged, 32, 16, "cpu")
+    print("OK jagged forward, worst abs error", worst, "items", items.shape[0])
+    """
+)
+
+
+def test_mma_forward_jagged_in_simulator():
+    run_script(_JAGGED, timeout=900)
