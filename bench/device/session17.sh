@@ -24,9 +24,11 @@ for f in $logs/*.txt; do echo "== $(basename $f): $(grep -E '[0-9]+ (passed|fail
 grep -h -B2 -A14 "^____" $logs/*.txt | cut -c1-220 | head -50
 for j in 1 0; do
   echo "-- ATTN_GPU_JAGGED=$j"
-  ATTN_GPU_JAGGED=$j BLOCKS_ONLY=0 PROFILE=0 timeout 60 python3 bench/device/host_flex.py \
-    2>&1 | grep -E "idle" | head -5
+  ATTN_GPU_JAGGED=$j PROFILE=$j timeout 60 python3 bench/device/host_flex.py \
+    > $logs/host-jagged$j.txt 2>&1
+  grep -E "idle|visited" $logs/host-jagged$j.txt | head -12
 done
+sed -n '/^varlen_attn causal=False/,/^dense/p' $logs/host-jagged1.txt | head -30
 timeout 120 python3 bench/bench_varlen.py --device cuda --out $out/varlen > $logs/varlen.txt 2>&1
 grep "^|" $logs/varlen.txt | head -8
 left=$(( 570 - $(date +%s) + t0 ))
