@@ -8,8 +8,8 @@ numba-cuda's compile_ptx for sm_90, then `ptxas -v` and `cuobjdump -sass`
 
 KIND is f32 (3xTF32), bf16 or f16; ``mask`` an attn_mask, ``mod`` a FlexAttention
 (causal) mask_mod, ``doc`` a document mask_mod reading two int64 buffers, ``alibi`` / ``softcap`` that
-score_mod beside the causal mask_mod (the kernel of its partial blocks; full blocks share it), ``jag``
-the per-sequence forward of packed jagged batches (forward_kernel's JAG). The tile
+score_mod beside the causal mask_mod (the kernel of its partial blocks; full blocks share it), ``jag`` / ``jag2``
+the per-sequence forward of packed jagged batches (forward_kernel's JAG 1 / 2: with left window edges). The tile
 configuration comes from gpu/_mma.py / gpu/_mma_bwd.py or ATTN_GPU_TF32_CONFIG,
 ATTN_GPU_MMA_CONFIG, ATTN_GPU_TF32_BWD_CONFIG, ATTN_GPU_MMA_BWD_CONFIG. The float32
 backward is compiled whatever ATTN_GPU_TF32X3_BWD says. Needs ptxas and cuobjdump on
@@ -43,7 +43,8 @@ def main():
     args = [a for a in args if a != str(out)]
     kind, D = args[0], int(args[1])
     causal, mask = "causal" in args[2:], "mask" in args[2:]
-    bwd, doc, jag = "bwd" in args[2:], "doc" in args[2:], "jag" in args[2:]
+    bwd, doc = "bwd" in args[2:], "doc" in args[2:]
+    jag = 2 if "jag2" in args[2:] else int("jag" in args[2:])
     score = next((a for a in args[2:] if a in ("alibi", "softcap")), None)
     mod = "mod" in args[2:] or doc or score is not None
 
@@ -96,7 +97,7 @@ def main():
             + sig[-4 + len(bufs):]
     tag = (f"{kind}_{D}{'_bwd' if bwd else ''}{'_causal' if causal else ''}"
            f"{'_mask' if mask else ''}{'_doc' if doc else '_mod' if mod else ''}"
-           f"{'_' + score if score else ''}{'_jag' if jag else ''}")
+           f"{'_' + score if score else ''}{f'_jag{jag}' if jag else ''}")
     t0 = time.time()
     if bwd:
         k = _mma_bwd.dkdv_kernel(kind, D, D, causal, mask, mods)

@@ -381,9 +381,6 @@ def jagged_reasons(dtype, D, Dv, B, flex, attn_mask=None, tiling=None) -> list[s
     band = _band(flex)
     if band is None:
         return ["no jagged band on the block mask"]
-    if band.left >= 0:
-        r.append("a left window edge (the per-sequence forward applies upper column "
-                 "limits only): the block lists serve it")
     if flex.score_mod is not None:
         r.append("a score_mod")
     if attn_mask is not None:
@@ -396,14 +393,16 @@ def jagged_reasons(dtype, D, Dv, B, flex, attn_mask=None, tiling=None) -> list[s
 def jagged_items(band, BM: int, BN: int, device) -> torch.Tensor:
     """The per-sequence forward's item table (int32, 8 per item, on ``device``; cached
     on the band): one item per BM-query tile of each sequence, [first row, the
-    sequence's query end, its first key, kv tiles, its key end, dg (row r sees keys
-    below r + dg), 0, 0], ordered by kv tiles ascending (the kernel runs the last item
-    first, so the heaviest start first)."""
+    sequence's query end, the start of its first visible kv tile, kv tiles, its key end,
+    dg (row r sees keys below r + dg), dl (and from r + dl on; left windows), 0],
+    ordered by kv tiles ascending (the kernel runs the last item first, so the heaviest
+    start first)."""
     key = ("gpu-items", BM, BN, str(device))
     hit = band._schedules.get(key)
     if hit is not None:
         return hit
     R = _BIG if band.right < 0 else band.right
+    L = _BIG if band.left < 0 else band.left
     q0, q1, k0, k1, c = band.q0, band.q1, band.k0, band.k1, band.diag
     n_tiles = (q1 - q0 + BM - 1) // BM
     seq = torch.repeat_interleave(torch.arange(q0.numel()), n_tiles)
@@ -412,10 +411,12 @@ def jagged_items(band, BM: int, BN: int, device) -> torch.Tensor:
     qz = torch.minimum(qa + BM, q1[seq]) - 1
     ks, ke = k0[seq], k1[seq]
     dg = torch.clamp(c[seq] + R + 1, max=_BIG)
+    dl = torch.clamp(c[seq] - L, min=-_BIG)
     hi = torch.minimum(ke, qz + dg)  # one past the tile's last visible key
-    nt = torch.where(hi > ks, (hi - ks + BN - 1) // BN, 0)
-    tab = torch.stack([qa, q1[seq], ks, nt, ke, dg, torch.zeros_like(qa),
-                       torch.zeros_like(qa)], 1)
+    lo = torch.maximum(ks, qa + dl)  # the tile's first visible key
+    n0 = ks + torch.div(lo - ks, BN, rounding_mode="floor") * BN
+    nt = torch.where(hi > lo, (hi - n0 + BN - 1) // BN, 0)
+    tab = torch.stack([qa, q1[seq], n0, nt, ke, dg, dl, torch.zeros_like(qa)], 1)
     tab = tab[torch.sort(nt, stable=True).indices].to(torch.int32).contiguous()
     hit = band._schedules[key] = tab.to(device)
     return hit
@@ -438,7 +439,7 @@ def _jagged_forward(q, k, v, out, lse, band, scale):
         Hq, Hq // Hkv, Lq, Lk, scale,
         items, d, d, d, 0, 0, 0, d, d, d, d,
     )
-    launch(_mma.forward_kernel(kind, D, Dv, False, False, None, True),
+    launch(_mma.forward_kernel(kind, D, Dv, False, False, None, 2 if band.left >= 0 else 1),
            (items.shape[0], B * Hq), _mma.threads(D, Dv, kind), args, q.device.index,
            _mma.shared_bytes(D, Dv, False, kind))
     return out, lse

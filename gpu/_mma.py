@@ -316,18 +316,19 @@ def _score_regs(score_fn, MNS: int, NS: int):
 
 @lru_cache(maxsize=None)
 def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
-                   JAG: bool = False):
+                   JAG: int = 0):
     """The tensor-core forward for one specialisation; same arguments as
     _kernels.forward_kernel's kernels.
 
-    ``JAG``: packed variable-length sequences (B = 1) scheduled per sequence, as
-    FlashAttention's varlen kernels: CTA x reads item ``kvf_num[8 * x : 8 * x + 6]`` of a
-    table (jagged_items) = first query row m0, the sequence's query end, its first key,
-    the number of BN-key tiles, its key end, and ``dg``: row r sees keys below r + dg
-    (its causal / right-window edge). Q tiles start at the sequence's first query and
-    kv tiles at its first key, so no tile straddles two sequences and no mask_mod runs:
-    the only exclusions are the column limits min(key end, r + dg). The other list
-    arguments are unused."""
+    ``JAG`` (1, or 2 with left window edges): packed variable-length sequences (B = 1)
+    scheduled per sequence, as FlashAttention's varlen kernels: CTA x reads item
+    ``kvf_num[8 * x : 8 * x + 7]`` of a table (jagged_items) = first query row m0, the
+    sequence's query end, the first key tile's start, the number of BN-key tiles, the
+    sequence's key end, ``dg``: row r sees keys below r + dg (its causal / right-window
+    edge), and (JAG 2) ``dl``: row r sees keys from r + dl on (its left-window edge). Q
+    tiles start at the sequence's first query and kv tiles at its first key (or the tile
+    of the first visible one), so no tile straddles two sequences and no mask_mod runs:
+    the only exclusions are column limits. The other list arguments are unused."""
     if reasons(kind, D, Dv):
         raise ValueError("; ".join(reasons(kind, D, Dv)))
     if JAG and (CAUSAL or MASK or mods is not None):
@@ -447,13 +448,17 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             klim = kvf_num[e + 4]   # keys at or past it: another sequence
             dg = kvf_num[e + 5]
             lim0 = min(klim, m0 + dg)      # the tile's first row has the lowest limit
+            dl = kvf_num[e + 6]
+            # the tile's last row has the highest lower limit: tiles from there on
+            # have no left-edge exclusions
+            lo1 = min(qlim, m0 + BM) - 1 + dl
             nf = int64(0)
             lr = int64(0)
         else:
             m0 = int64(qb * BM)
             qlim = int64(Lq)
             klim = int64(Lk)
-            nb0 = dg = lim0 = int64(0)
+            nb0 = dg = lim0 = dl = lo1 = int64(0)
             lr = b * lb + h * lh + qb
             nf = int64(kvf_num[lr])
             nt = nf + kvp_num[lr]
@@ -567,7 +572,10 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             # block. Every loop that indexes registers has a small body, so that it is
             # fully unrolled (a loop left rolled would move S to local memory).
             # (JAG: a tile is partial where a column limit cuts into it)
-            partial = n0 + BN > lim0 if JAG else it >= nf
+            if JAG:
+                partial = n0 + BN > lim0 or (JAG == 2 and n0 < lo1)
+            else:
+                partial = it >= nf
             # Per row slot r, the exclusions of this block in lim[r]: the mask bits of a
             # partial block of a register-path mask_mod, else the column limit (keys
             # past Lk, causal diagonal) wherever a register path applies it.
@@ -634,6 +642,16 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                     x = s[idx] * sl2
                     cl = c0 + (8 * ((idx % NS) >> 2) + (idx & 1))
                     s[idx] = x if cl < lim[2 * (idx // NS) + ((idx >> 1) & 1)] else NEG_INF
+                if JAG == 2 and n0 < lo1:
+                    # Left window edges, in a loop of their own (folded into the loop
+                    # above, the larger body stayed rolled: S in local memory, ptxas
+                    # bf16 D=64 272-352 byte stacks): element idx (column c0 + dc, row
+                    # rw + dr) is visible from dc - dr >= rw + dl - c0 on.
+                    lb = rw + dl - c0
+                    for idx in range(MNS):
+                        dcr = (8 * ((idx % NS) >> 2) + (idx & 1)
+                               - 16 * (idx // NS) - 8 * ((idx >> 1) & 1))
+                        s[idx] = s[idx] if dcr >= lb else NEG_INF
             else:
                 for idx in range(MNS):
                     s[idx] = s[idx] * sl2

@@ -144,8 +144,7 @@ def test_mma_forward_mask_bits_two_tiles_in_simulator(monkeypatch):
 # gpu.jagged_items) instead of walking the block lists. Simulator tiles are 32 queries x
 # 16 keys, so the lengths give empty sequences, a one-token one, ragged tiles in both
 # dims, Lq != Lk per sequence (bottom-right causal diagonals, rows that see no key),
-# GQA 2/1; non-causal, causal and a right window. A left window keeps the block lists
-# (jagged_reasons says so) and is checked the same way.
+# GQA 2/1; non-causal, causal, right and left windows (column limits on both sides).
 _JAGGED = FLEX + textwrap.dedent(
     r"""
     from attn.reference import flex_attention as ref_flex
@@ -155,16 +154,15 @@ _JAGGED = FLEX + textwrap.dedent(
     g = torch.Generator().manual_seed(21)
     q = torch.randn(1, 2, int(cq[-1]), 16, generator=g).to(dt)
     k, v = (torch.randn(1, 1, int(ck[-1]), 16, generator=g).to(dt) for _ in range(2))
-    worst, runs = 0.0, []
+    worst = 0.0
     for window, kv in (((-1, -1), ck), ((-1, 0), ck), ((-1, 0), None), ((-1, 5), ck),
-                   ((4, 0), ck)):
+                       ((4, 0), ck), ((20, 3), None)):
         kk, vv = (k, v) if kv is not None else (k[:, :, :84], v[:, :, :84])
         bm = attn.document_block_mask(cq, kv, window_size=window)
         spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod), None, False,
                           None)
         why = gpu.jagged_reasons(dt, 16, 16, 1, spec)
-        assert bool(why) == (window[0] >= 0), (window, why)
-        runs.append(not why)
+        assert not why, (window, why)
         out, lse = gpu.forward(q, kk, vv, None, False, None, flex=spec)
         ro, rl, _ = ref_flex(q.double(), kk.double(), vv.double(), None, bm, None, True)
         fin = torch.isfinite(rl)
@@ -175,7 +173,6 @@ _JAGGED = FLEX + textwrap.dedent(
         el = (lse[fin].double() - rl[fin]).abs().max().item()
         assert e <= 4e-3 and el <= 1e-4, f"{name}: out err {e}, lse err {el}"
         worst = max(worst, e)
-    assert sum(runs) == 4, runs
     items = gpu.jagged_items(bm._attn_jagged, 32, 16, "cpu")
     print("OK jagged forward, worst abs error", worst, "items", items.shape[0])
     """
