@@ -453,11 +453,17 @@ def _compile(dispatcher, tys):
     argument in each backward kernel (the forward kernels compile); dropping that one
     call makes it compile (reproduced from the dumped NVVM IR on a machine without a GPU;
     numba-cuda issue #876 is the same failure on other large kernels)."""
+    def build(d):
+        k = d.compile(tys)
+        if not hasattr(k, "get_regs_per_thread"):  # a Numba returning the cres
+            k = d.overloads[tys]
+        return k
+
     opts = getattr(dispatcher, "targetoptions", {})
     if not opts.get("lineinfo"):
-        return dispatcher.compile(tys)
+        return build(dispatcher)
     try:
-        return dispatcher.compile(tys)
+        return build(dispatcher)
     except Exception as e:  # NVVM's error class differs between bindings
         if "nvvm" not in type(e).__module__.lower() and "NVVM" not in str(e):
             raise
@@ -465,7 +471,7 @@ def _compile(dispatcher, tys):
                             if k in ("cache", "fastmath", "opt", "link")},
                          lineinfo=False)(dispatcher.py_func)
         NO_LINEINFO[dispatcher.py_func.__name__] = f"NVVM refused line info: {e}"[:200]
-        return plain.compile(tys)
+        return build(plain)
 
 
 class _Prepared:
@@ -490,8 +496,6 @@ class _Prepared:
         # yields the driver function before the first launch, so the shared-memory
         # attribute is in place when that launch needs more than 48 KiB.
         self.kern = _compile(dispatcher, tuple(tys))
-        if not hasattr(self.kern, "get_regs_per_thread"):  # a Numba returning the cres
-            self.kern = dispatcher.overloads[tuple(tys)]
         lib = getattr(self.kern, "_codelibrary", None) or getattr(self.kern, "library")
         self.handle = lib.get_cufunc().handle
         self.shmem = 0
