@@ -610,8 +610,10 @@ def _gpu_ready():
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (100, 0), (3, 20)],
                          ids=lambda w: f"w{w[0]}_{w[1]}")
 def test_gpu(window, dtype):
-    """The Numba CUDA kernels serve varlen_attn through the same block mask. bfloat16
-    is held to PyTorch's own varlen_attn (FlashAttention) as the baseline."""
+    """The Numba CUDA kernels serve varlen_attn: the forward per sequence from the
+    mask's jagged band (gpu/_mma.py JAG; left window edges too), the backward through
+    the block lists. bfloat16 is held to PyTorch's own varlen_attn (FlashAttention) as
+    the baseline."""
     _gpu_ready()
     _check(LENS, KLENS, window, Hq=4, Hkv=2, D=64, dtype=dtype, device="cuda",
            torch_varlen=dtype == torch.bfloat16)
