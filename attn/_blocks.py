@@ -6,7 +6,8 @@ Dense and causal attention are such lists too; this module classifies the blocks
 each launcher packs them in its kernels' format.
 
 Jagged batches can instead be described by their offsets (:class:`JaggedBand`): the
-CPU kernels then tile every sequence from its own start and need no lists.
+CPU kernels and the GPU forward then tile every sequence from its own start and need
+no lists.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["JaggedBand", "JaggedSchedule", "dense_block_classes"]
+__all__ = ["JaggedBand", "JaggedSchedule", "band_of", "dense_block_classes", "seq_tiles"]
 
 
 def dense_block_classes(Lq: int, Lk: int, BM: int, BN: int, causal: bool, masked: bool):
@@ -77,6 +78,24 @@ class JaggedSchedule(NamedTuple):
     pairs: int
 
 
+def seq_tiles(n_tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, tile index within it) of every tile, given each sequence's tile count
+    (CPU int64)."""
+    seq = torch.repeat_interleave(torch.arange(n_tiles.numel()), n_tiles)
+    first = torch.cumsum(n_tiles, 0) - n_tiles
+    return seq, torch.arange(seq.numel()) - first[seq]
+
+
+def band_of(flex) -> JaggedBand | None:
+    """The jagged band a flex call's block mask carries (attn.document_block_mask's
+    masks do): then the kernels schedule tiles per sequence and ignore the mask's
+    lists."""
+    if flex is None or flex.block_mask is None:
+        return None
+    band = getattr(flex.block_mask, "_attn_jagged", None)
+    return band if isinstance(band, JaggedBand) else None
+
+
 class JaggedBand:
     """The mask of packed variable-length sequences as the CPU kernels take it: per
     sequence ``s`` its queries ``q0[s]..q1[s]-1``, its used keys ``k0[s]..k1[s]-1``
@@ -119,13 +138,8 @@ class JaggedBand:
         q0, q1, k0, k1, c = self.q0, self.q1, self.k0, self.k1, self.diag
         nseq = q0.numel()
 
-        def tiles(n_tiles):
-            seq = torch.repeat_interleave(torch.arange(nseq), n_tiles)
-            first = torch.cumsum(n_tiles, 0) - n_tiles
-            return seq, torch.arange(seq.numel()) - first[seq]
-
         # q tiles and the kv tiles each one sees (the kernels' jg_kv_range).
-        seq, t = tiles((q1 - q0 + BM - 1) // BM)
+        seq, t = seq_tiles((q1 - q0 + BM - 1) // BM)
         qa = q0[seq] + t * BM
         qz = torch.minimum(qa + BM - 1, q1[seq] - 1)
         ks, ke, cs = k0[seq], k1[seq], c[seq]
@@ -139,7 +153,7 @@ class JaggedBand:
         items = items.to(torch.int32).contiguous()
 
         # kv tiles and the q tiles that see each (jg_q_range).
-        kseq, u = tiles((k1 - k0 + BN - 1) // BN)
+        kseq, u = seq_tiles((k1 - k0 + BN - 1) // BN)
         ka = k0[kseq] + u * BN
         kz = torch.minimum(ka + BN - 1, k1[kseq] - 1)
         qs, qe, cs = q0[kseq], q1[kseq], c[kseq]

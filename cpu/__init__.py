@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from attn._blocks import JaggedBand, dense_block_classes
+from attn._blocks import JaggedBand, band_of, dense_block_classes
 from attn._problem import accumulation_dtype
 
 __all__ = [
@@ -186,15 +186,6 @@ def _mod_args(flex, cdt, with_mask=True):
     return tuple(addrs), keep
 
 
-def _band(flex) -> JaggedBand | None:
-    """The jagged band a block mask carries (attn.document_block_mask's masks do):
-    then the kernels schedule tiles per sequence and ignore the mask's lists."""
-    if flex is None or flex.block_mask is None:
-        return None
-    band = getattr(flex.block_mask, "_attn_jagged", None)
-    return band if isinstance(band, JaggedBand) else None
-
-
 def _jagged_args(band: JaggedBand, BM: int, BN: int, q_group: int = 1):
     """(the kernel's jagged tuple, its schedule); the tensors live in the band's cache.
     q_group > 1 (the forward's groups of q tiles): the q items are those of the
@@ -263,7 +254,7 @@ def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None, fwd=Fa
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BM, BN = blocks
     mask_kind, mask_t, mask_ptr = _mask_args(attn_mask, B, Hq, Lq, Lk, q.dtype)
-    band = _band(flex)
+    band = band_of(flex)
     jagged = None
     group = 1
     if fwd:
@@ -328,7 +319,7 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, blocks=None, f
     B, Hq, Lq, D = q.shape
     Dv = v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    band = _band(flex)
+    band = band_of(flex)
     if band is not None:
         # Per-sequence tiles need no relation to the mask's block size.
         blocks = (BLOCK_M, BLOCK_N)
@@ -400,7 +391,7 @@ def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    band = _band(flex)
+    band = band_of(flex)
     BM, BN = (BLOCK_M, BLOCK_N) if band is not None else (blocks or (BLOCK_M, BLOCK_N))
     # d(lse_i)/d(s_ij) = P_ij, so a gradient on lse enters as delta_i -= dlse_i.
     delta = (doc * oc).sum(-1, dtype=cdt)

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-from attn._blocks import JaggedBand, dense_block_classes
+from attn._blocks import band_of, dense_block_classes, seq_tiles
 
 from . import _cuda
 from ._cuda import SIM, launch
@@ -363,22 +363,15 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, f
 # a JaggedBand run the forward per sequence (gpu/_mma.py JAG) instead of over the block
 # lists; ATTN_GPU_JAGGED=0 keeps the block-list path (the A/B switch of the benchmarks).
 JAGGED = os.environ.get("ATTN_GPU_JAGGED", "1").strip() != "0"
-_BIG = 1 << 30  # an unbounded window side (keeps r + dg inside int32 for r < 2**30)
-
-
-def _band(flex):
-    """The JaggedBand of a flex call's block mask, or None."""
-    if flex is None or flex.block_mask is None:
-        return None
-    band = getattr(flex.block_mask, "_attn_jagged", None)
-    return band if isinstance(band, JaggedBand) else None
+# The item table's bound on dg / dl (an unbounded side; keeps r + dg inside int32).
+_ITEM_BOUND = 1 << 30
 
 
 def jagged_reasons(dtype, D, Dv, B, flex, attn_mask=None, tiling=None) -> list[str]:
     """Why a flex call with a jagged band does not run the per-sequence forward (empty
     when it does)."""
     r = [] if JAGGED else ["ATTN_GPU_JAGGED=0"]
-    band = _band(flex)
+    band = band_of(flex)
     if band is None:
         return ["no jagged band on the block mask"]
     if flex.score_mod is not None:
@@ -401,17 +394,14 @@ def jagged_items(band, BM: int, BN: int, device) -> torch.Tensor:
     hit = band._schedules.get(key)
     if hit is not None:
         return hit
-    R = _BIG if band.right < 0 else band.right
-    L = _BIG if band.left < 0 else band.left
+    L, R = band.sides()
     q0, q1, k0, k1, c = band.q0, band.q1, band.k0, band.k1, band.diag
-    n_tiles = (q1 - q0 + BM - 1) // BM
-    seq = torch.repeat_interleave(torch.arange(q0.numel()), n_tiles)
-    first = torch.cumsum(n_tiles, 0) - n_tiles
-    qa = q0[seq] + (torch.arange(seq.numel()) - first[seq]) * BM
+    seq, t = seq_tiles((q1 - q0 + BM - 1) // BM)
+    qa = q0[seq] + t * BM
     qz = torch.minimum(qa + BM, q1[seq]) - 1
     ks, ke = k0[seq], k1[seq]
-    dg = torch.clamp(c[seq] + R + 1, max=_BIG)
-    dl = torch.clamp(c[seq] - L, min=-_BIG)
+    dg = torch.clamp(c[seq] + R + 1, max=_ITEM_BOUND)
+    dl = torch.clamp(c[seq] - L, min=-_ITEM_BOUND)
     hi = torch.minimum(ke, qz + dg)  # one past the tile's last visible key
     lo = torch.maximum(ks, qa + dl)  # the tile's first visible key
     n0 = ks + torch.div(lo - ks, BN, rounding_mode="floor") * BN
@@ -455,7 +445,7 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     if flex is not None and not jagged_reasons(q.dtype, D, Dv, B, flex, attn_mask, tiling):
-        return _jagged_forward(q, k, v, out, lse, _band(flex), scale)
+        return _jagged_forward(q, k, v, out, lse, band_of(flex), scale)
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
     mods, bufs = _flex_args(flex, q.device)
     bs = None if flex is None or flex.block_mask is None else flex.block_mask.BLOCK_SIZE
