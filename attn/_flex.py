@@ -52,6 +52,19 @@ class KernelSpec(NamedTuple):
 
 
 def _traced(problem):
+    """(mask, score) CompiledMods of a problem, traced once per problem object: backend
+    selection (kernel_spec_reasons, the GPU backend's kernel_spec) and the forward ask
+    for them in one call. The memo is not a dataclass field, so the problem that
+    ``replace`` makes for the backward traces again (and sees a mod's tensors as they
+    are then)."""
+    memo = problem.__dict__.get("_attn_traced")
+    if memo is None:
+        memo = _trace(problem)
+        object.__setattr__(problem, "_attn_traced", memo)
+    return memo
+
+
+def _trace(problem):
     from . import _modgen
 
     score = None
@@ -104,7 +117,7 @@ class _FlexFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, problem, backend):
-        out, lse, mx = _run_forward(backend, problem)
+        out, lse, mx = _run_forward(backend, problem, full_max=False)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.problem, ctx.backend = problem, backend
         ctx.set_materialize_grads(False)
@@ -121,11 +134,27 @@ class _FlexFn(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _run_forward(backend, problem):
+def _apply(query, key, value, problem, backend):
+    """(out, lse, max_scores) of a validated problem on its backend, through autograd
+    only when a gradient can flow (the Function's bookkeeping is host time per call)."""
+    if getattr(backend, "autograd_native", False):
+        return backend.forward(problem)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                    or value.requires_grad):
+        return _FlexFn.apply(query, key, value, problem, backend)
+    return _run_forward(backend, problem, full_max=False)
+
+
+def _run_forward(backend, problem, full_max=True):
+    """(out, lse, max_scores). A backend that computes no max_scores (it was not asked
+    for them) gets -inf rows where the result must have their shape (the custom op's),
+    else an empty placeholder: a fill is a kernel launch on the GPU, paid per call."""
     res = backend.forward(problem)
     if len(res) == 3:
         return res
     out, lse = res
+    if not full_max and not problem.max_scores:
+        return out, lse, lse.new_empty(0)
     B, Hq, Lq = lse.shape
     return out, lse, lse.new_full((B, Hq, Lq), float("-inf"))
 
@@ -288,10 +317,7 @@ def flex_attention(
         problem = replace(problem, score_mod=score_mod, block_mask=bm, max_scores=want_max,
                           flex=True)
         backend = select_backend(problem)
-        if getattr(backend, "autograd_native", False):
-            out, lse, mx = backend.forward(problem)
-        else:
-            out, lse, mx = _FlexFn.apply(query, key, value, problem, backend)
+        out, lse, mx = _apply(query, key, value, problem, backend)
     if return_aux is not None:
         return out, AuxOutput(lse=lse if return_aux.lse else None,
                               max_scores=mx if return_aux.max_scores else None)

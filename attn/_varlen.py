@@ -615,6 +615,12 @@ def varlen_attn(
         implementation return ``(H_q, T_q)``) — float32 (float64 for float64 inputs),
         natural log.
     """
+    rkey = _repeat_key(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
+                       scale, window_size, enable_gqa, seqused_k)
+    hit = _repeat_hit(rkey, cu_seq_q, cu_seq_k)
+    if hit is not None:
+        out, lse = _repeat_run(hit, query, key, value)
+        return (out, lse) if hit.want_lse else out
     _check_packed(query, key, value, enable_gqa)
     if torch.compiler.is_compiling():
         return _compiled_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
@@ -624,7 +630,114 @@ def varlen_attn(
     want_lse = _wants_lse(return_aux)
     _check_seqused_grad(used, query, key, value)
     out, lse = _run(query, key, value, cq, ck, used, window, False, scale, enable_gqa)
+    if rkey is not None:
+        _repeat_learn(rkey, cu_seq_q, cu_seq_k, query, key, value, cq, ck, window, scale,
+                      enable_gqa, want_lse)
     return (out, lse) if want_lse else out
+
+
+# Repeated calls (every layer of a model, every step) with device offsets seen before and
+# unchanged (identity and version, as _HOST_COPIES) and the same metadata: the key holds
+# everything validation, the mask and the backend choice depend on, so a hit goes
+# straight to the kernels with the problem of the first call (its tensors replaced).
+# The host work of a call is what a GPU forward of this size waits on (bench/NOTES.md V3).
+# CPU offsets are read in place every call (a write through a numpy view of them bumps
+# no version), as before.
+_REPEAT: dict = {}
+_REPEAT_MAX = 256
+
+
+class _Repeat(NamedTuple):
+    cu_q: object        # weak references to the offsets tensors
+    cu_k: object
+    problem: object     # the first call's AttentionProblem (flex, the BlockMask)
+    backend: object
+    want_lse: bool
+
+
+def _repeat_key(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux, scale,
+                window_size, enable_gqa, seqused_k):
+    if (seqused_k is not None or type(query) is not Tensor or type(key) is not Tensor
+            or type(value) is not Tensor or type(cu_seq_q) is not Tensor
+            or not (cu_seq_k is None or type(cu_seq_k) is Tensor)
+            or type(max_q) is not int or type(max_k) is not int
+            or type(window_size) is not tuple or not (scale is None or type(scale) is float)
+            or type(enable_gqa) is not bool or not _copy_costs_sync(cu_seq_q)
+            or torch.compiler.is_compiling()):
+        return None
+    if return_aux is None:
+        want = False
+    elif (type(return_aux).__name__ == "AuxRequest"
+          and not getattr(return_aux, "max_scores", False)):
+        want = bool(return_aux.lse)
+    else:
+        return None
+    from .backends import selection_state
+
+    ks = None if cu_seq_k is None else (id(cu_seq_k), _stamp(cu_seq_k))
+    return (query.shape, key.shape, value.shape, query.stride(), key.stride(),
+            value.stride(), query.dtype, key.dtype, value.dtype, query.device, key.device,
+            value.device, id(cu_seq_q), _stamp(cu_seq_q), ks, max_q, max_k, window_size,
+            scale, enable_gqa, want, selection_state(), torch.is_grad_enabled())
+
+
+def _repeat_hit(rkey, cu_seq_q, cu_seq_k):
+    if rkey is None:
+        return None
+    hit = _REPEAT.get(rkey)
+    if hit is None or hit.cu_q() is not cu_seq_q or (
+            cu_seq_k is not None and hit.cu_k() is not cu_seq_k):
+        return None
+    return hit
+
+
+def _repeat_run(hit: _Repeat, query, key, value):
+    from dataclasses import replace
+
+    from ._flex import _apply
+
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    problem = _with_trace(replace(hit.problem, query=q4, key=k4, value=v4), hit.problem)
+    out, lse, _ = _apply(q4, k4, v4, problem, hit.backend)
+    return out[0].transpose(0, 1).contiguous(), lse[0]
+
+
+def _repeat_learn(rkey, cu_seq_q, cu_seq_k, query, key, value, cq, ck, window, scale,
+                  enable_gqa, want_lse):
+    if query.shape[0] == 0 or key.shape[0] == 0:
+        return
+    from .backends import select_backend
+
+    problem = _packed_problem(query, key, value, cq, ck, None, window, False, scale,
+                              enable_gqa)
+    backend = select_backend(problem)
+    if getattr(backend, "autograd_native", False):
+        return
+    # The memo holds no tensors of the call: the problem's are replaced per call.
+    problem = _strip(problem)
+    cu_k = cu_seq_q if cu_seq_k is None else cu_seq_k
+    with _LOCK:
+        if len(_REPEAT) >= _REPEAT_MAX:
+            _REPEAT.clear()
+        _REPEAT[rkey] = _Repeat(weakref.ref(cu_seq_q), weakref.ref(cu_k), problem, backend,
+                                want_lse)
+
+
+def _strip(problem):
+    from dataclasses import replace
+
+    e = problem.query.new_empty(0)
+    return _with_trace(replace(problem, query=e, key=e, value=e), problem)
+
+
+def _with_trace(new, old):
+    """``new`` with ``old``'s traced mods (attn._flex._traced's memo): the mask_mod of a
+    varlen mask reads only the mask's own index tensors, which nothing writes, so its
+    trace stays valid for every call that reuses the mask."""
+    memo = old.__dict__.get("_attn_traced")
+    if memo is not None:
+        object.__setattr__(new, "_attn_traced", memo)
+    return new
 
 
 def _checked_offsets(query, key, cu_seq_q, cu_seq_k, seqused_k, max_q, max_k):

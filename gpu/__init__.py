@@ -440,7 +440,13 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    if flex is not None and q.stride(1) < q.stride(2):
+        # Packed (tokens, heads, D) queries viewed as (B, H, tokens, D) (varlen_attn,
+        # document masks): out in the same layout, so the packed result is a view and
+        # not a copy kernel per call. The kernels take out's strides.
+        out = torch.empty(B, Lq, Hq, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
