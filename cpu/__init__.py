@@ -259,10 +259,14 @@ def _common_args(q, k, v, attn_mask, is_causal, scale, blocks, flex=None, fwd=Fa
     group = 1
     if fwd:
         if band is not None:
-            lens = band.q1 - band.q0
-
             def n_items(G):
-                return int(((lens + G * BM - 1) // (G * BM)).sum())
+                # Cached on the band: a repeated varlen call asks again for each G.
+                key = ("n_items", G * BM)
+                n = band._schedules.get(key)
+                if n is None:
+                    lens = band.q1 - band.q0
+                    n = band._schedules[key] = int(((lens + G * BM - 1) // (G * BM)).sum())
+                return n
         else:
             nqb = -(-Lq // BM)
 

@@ -340,23 +340,44 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, f
     A dense call (no mask, no flex) repeated with the same shapes, strides, dtypes,
     device, causality and scale costs two allocations and one bound cuLaunchKernel
     (``_Repeats``)."""
-    if attn_mask is not None or flex is not None or tiling is not None or SIM:
+    band = None
+    if flex is not None and attn_mask is None and tiling is None and not SIM:
+        band = band_of(flex)
+        if band is None or jagged_reasons(q.dtype, q.shape[3], v.shape[3], q.shape[0],
+                                          flex):
+            band = None
+    if band is None and (attn_mask is not None or flex is not None or tiling is not None
+                         or SIM):
         return _forward(q, k, v, attn_mask, is_causal, scale, tiling, flex)
-    key = _dense_key(q, k, v, is_causal, scale)
+    # A jagged call's launch depends on its band (the item table, cached on it): the
+    # key holds the band, so its identity stays unique while the entry lives.
+    key = _dense_key(q, k, v, is_causal, scale, band)
     bound = _FWD_REPEATS.get(key)
     if bound is not None:
-        B, Hq, Lq = q.shape[:3]
-        out = q.new_empty((B, Hq, Lq, v.shape[3]))
-        lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+        out, lse = _outputs(q, v, band is not None)
         ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
         idx = q.device.index
         for b in bound:
             b(ptrs, idx)
         return out, lse
     with _cuda.capture() as launches:
-        out, lse = _forward(q, k, v, None, is_causal, scale, None, None)
+        out, lse = _forward(q, k, v, None, is_causal, scale, None, flex)
     _FWD_REPEATS.learn(key, launches, (q, k, v, out, lse))
     return out, lse
+
+
+def _outputs(q, v, flex: bool):
+    """Empty out and lse of a forward. A flex call on packed (tokens, heads, D) queries
+    viewed as (B, H, tokens, D) (varlen_attn, document masks) gets out in the same
+    layout, so the packed result is a view and not a copy kernel per call; the kernels
+    take out's strides."""
+    B, Hq, Lq = q.shape[:3]
+    Dv = v.shape[3]
+    if flex and q.stride(1) < q.stride(2):
+        out = torch.empty(B, Lq, Hq, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    return out, torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
 
 
 # Packed jagged batches (attn.varlen_attn, attn.document_block_mask) whose mask carries
@@ -440,14 +461,7 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if flex is not None and q.stride(1) < q.stride(2):
-        # Packed (tokens, heads, D) queries viewed as (B, H, tokens, D) (varlen_attn,
-        # document masks): out in the same layout, so the packed result is a view and
-        # not a copy kernel per call. The kernels take out's strides.
-        out = torch.empty(B, Lq, Hq, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
-    else:
-        out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    out, lse = _outputs(q, v, flex is not None)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     if flex is not None and not jagged_reasons(q.dtype, D, Dv, B, flex, attn_mask, tiling):

@@ -699,3 +699,65 @@ def test_unchecked_host_values_never_pass_as_checked(monkeypatch):
     assert _varlen._host_values(bad) is _varlen._host_values(bad)
     with pytest.raises(ValueError, match="non-decreasing"):
         _varlen._check_offsets(bad, "cu_seq_q", 3, None, "query")
+
+
+def test_repeated_call_memo(monkeypatch):
+    """Repeated varlen_attn calls with device offsets skip validation, the mask build and
+    the backend choice (_varlen._REPEAT): a hit gives the oracle's result and gradients,
+    and anything that changes the call (offsets changed in place, another offsets
+    tensor, other shapes, a forced backend, the grad mode) misses and is validated
+    again. CPU tensors stand in for device ones (_copy_costs_sync)."""
+    from attn import _varlen
+
+    monkeypatch.setattr(_varlen, "_copy_costs_sync", lambda cu: True)
+    monkeypatch.setattr(_varlen, "_HOST_COPIES", {})
+    monkeypatch.setattr(_varlen, "_REPEAT", {})
+    lens = [5, 0, 130, 17]
+    q, k, v = _inputs(sum(lens), sum(lens), 2, 2, 16, 16, torch.float32)
+    cu = _cu(lens)
+
+    def oracle(lens, window=(-1, -1)):
+        q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+        return _per_sequence(_oracle_fn, q64, k64, v64, lens, lens, window)[0]
+
+    runs = []
+    full_path = _varlen._run
+    monkeypatch.setattr(_varlen, "_run", lambda *a: runs.append(1) or full_path(*a))
+    with torch.no_grad():
+        for _ in range(3):
+            o = varlen_attn(q, k, v, cu, cu, 130, 130, window_size=(4, 0))
+            assert_close_to_oracle(o, o, oracle(lens, (4, 0)), torch.float32, "out")
+    assert len(_varlen._REPEAT) == 1 and len(runs) == 1  # two hits
+    # A hit with gradients (grad mode is part of the key: a first call learns it).
+    for _ in range(2):
+        out, lse = varlen_attn(q, k, v, cu, cu, 130, 130,
+                               return_aux=attn.AuxRequest(lse=True))
+        assert out.shape == (sum(lens), 2, 16) and lse.shape == (2, sum(lens))
+        dq, = torch.autograd.grad(out.square().sum(), (q,))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64 = _per_sequence(_oracle_fn, q64, k64, v64, lens, lens, (-1, -1))[0]
+    dq64, = torch.autograd.grad(o64.square().sum(), (q64,))
+    assert_close_to_oracle(dq, dq, dq64, torch.float32, "dq",
+                           term_scale=dq64.abs().max().item())
+    with torch.no_grad():
+        # Changed in place: the version moves, the new offsets are checked and used.
+        cu[2] = 40
+        new = [5, 35, 95, 17]
+        o = varlen_attn(q, k, v, cu, cu, 95, 95)
+        assert_close_to_oracle(o, o, oracle(new), torch.float32, "out")
+        with pytest.raises(ValueError, match="max_q = 94 is smaller"):
+            varlen_attn(q, k, v, cu, cu, 94, 95)
+        cu[2] = 3  # not non-decreasing: caught though the shapes are those of a hit
+        with pytest.raises(ValueError, match="non-decreasing"):
+            varlen_attn(q, k, v, cu, cu, 130, 130)
+        # Another tensor with the first values: its own entry, same result.
+        o = varlen_attn(q, k, v, _cu(lens), None, 130, 130)
+        assert_close_to_oracle(o, o, oracle(lens), torch.float32, "out")
+        # A forced backend is part of the key.
+        with attn.use_backend("reference"):
+            o = varlen_attn(q, k, v, _cu(lens), None, 130, 130)
+        assert_close_to_oracle(o, o, oracle(lens), torch.float32, "out")
+        # Other shapes with the same offsets tensor miss and are validated.
+        cu[2] = 5
+        with pytest.raises(ValueError, match="must equal the number of packed tokens"):
+            varlen_attn(q[:-1], k[:-1], v[:-1], cu, cu, 130, 130)
