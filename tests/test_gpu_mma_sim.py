@@ -173,6 +173,15 @@ _JAGGED = FLEX + textwrap.dedent(
         el = (lse[fin].double() - rl[fin]).abs().max().item()
         assert e <= 4e-3 and el <= 1e-4, f"{name}: out err {e}, lse err {el}"
         worst = max(worst, e)
+    # Packed (tokens, heads, D) storage viewed as (1, H, tokens, D), as varlen_attn
+    # passes it: out comes back in the packed layout (a view for varlen_attn, no copy),
+    # written through its strides.
+    qp = q[0].transpose(0, 1).contiguous().transpose(0, 1).unsqueeze(0)
+    kp, vp = (t[0].transpose(0, 1).contiguous().transpose(0, 1).unsqueeze(0)
+              for t in (kk, vv))
+    out_p, lse_p = gpu.forward(qp, kp, vp, None, False, None, flex=spec)
+    assert out_p.stride(1) < out_p.stride(2), out_p.stride()
+    assert torch.equal(out_p, out) and torch.equal(lse_p, lse), "packed layout"
     items = gpu.jagged_items(bm._attn_jagged, 32, 16, "cpu")
     print("OK jagged forward, worst abs error", worst, "items", items.shape[0])
     """
