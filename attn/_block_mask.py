@@ -1146,7 +1146,7 @@ def create_block_mask(
         kv_num, kv_idx = _ordered(visible)
         q_num, q_idx = _ordered(visible.transpose(-2, -1))
         fkv_num = fkv_idx = fq_num = fq_idx = None
-    return BlockMask(
+    bm = BlockMask(
         (Q_LEN, KV_LEN),
         kv_num,
         kv_idx,
@@ -1159,3 +1159,13 @@ def create_block_mask(
         BLOCK_SIZE=(BQ, BKV),
         mask_mod=mask_mod,
     )
+    band = getattr(mask_mod, "_attn_band", None)
+    if band is not None:
+        # A library band mod (attn.mods: causal, sliding window): the kernels that read
+        # a JaggedBand run it as one sequence with column limits (attn._blocks).
+        from ._blocks import JaggedBand
+
+        diag, left, right = band
+        z = torch.zeros(1, dtype=torch.int64)
+        bm._attn_jagged = JaggedBand(z, z + Q_LEN, z, z + KV_LEN, z + diag, left, right)
+    return bm

@@ -42,6 +42,15 @@ def _name(fn, text: str):
     return fn
 
 
+def _band(fn, diag: int, left: int, right: int):
+    # A mask that is a band of one sequence, query i seeing key j when
+    # i + diag - left <= j <= i + diag + right (-1: unbounded side): create_block_mask
+    # attaches it to the BlockMask (attn._blocks.JaggedBand), so the kernels run it by
+    # column limits per tile, as varlen_attn's masks, without evaluating the mod.
+    fn._attn_band = (int(diag), int(left), int(right))
+    return fn
+
+
 def _nonneg_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -58,6 +67,9 @@ def causal_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
           2 █ █ █
     """
     return q_idx >= kv_idx
+
+
+_band(causal_mask, 0, -1, 0)
 
 
 def causal_lower_right(Lq: int, Lk: int):
@@ -81,7 +93,7 @@ def causal_lower_right(Lq: int, Lk: int):
     def mask_mod(b, h, q_idx, kv_idx):
         return q_idx + offset >= kv_idx
 
-    return _name(mask_mod, f"causal_lower_right_{Lq}_{Lk}")
+    return _band(_name(mask_mod, f"causal_lower_right_{Lq}_{Lk}"), offset, -1, 0)
 
 
 def sliding_window(window: int, causal: bool = True):
@@ -109,13 +121,14 @@ def sliding_window(window: int, causal: bool = True):
             diff = q_idx - kv_idx
             return (diff >= 0) & (diff <= window)
 
-        return _name(mask_mod, f"sliding_window_{window}")
+        return _band(_name(mask_mod, f"sliding_window_{window}"), 0, window, 0)
 
     def mask_mod(b, h, q_idx, kv_idx):
         diff = q_idx - kv_idx
         return (diff <= window) & (diff >= -window)
 
-    return _name(mask_mod, f"sliding_window_{window}_bidirectional")
+    return _band(_name(mask_mod, f"sliding_window_{window}_bidirectional"), 0, window,
+                 window)
 
 
 def prefix_lm(prefix_length: int | Tensor):

@@ -390,7 +390,8 @@ _ITEM_BOUND = 1 << 30
 
 def jagged_reasons(dtype, D, Dv, B, flex, attn_mask=None, tiling=None) -> list[str]:
     """Why a flex call with a jagged band does not run the per-sequence forward (empty
-    when it does)."""
+    when it does). Any batch: a band's mask is the same for every batch entry and head
+    (the kernel's grid y is batch x head)."""
     r = [] if JAGGED else ["ATTN_GPU_JAGGED=0"]
     band = band_of(flex)
     if band is None:
@@ -399,8 +400,6 @@ def jagged_reasons(dtype, D, Dv, B, flex, attn_mask=None, tiling=None) -> list[s
         r.append("a score_mod")
     if attn_mask is not None:
         r.append("an attn_mask")
-    if B != 1:
-        r.append(f"batch {B} (a packed batch is one sequence of tokens)")
     return r + mma_reasons(dtype, D, Dv, tiling)
 
 
