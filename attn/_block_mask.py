@@ -955,7 +955,7 @@ class BlockMask:
         def move(t):
             return t.to(device) if t is not None else None
 
-        return BlockMask(
+        moved = BlockMask(
             self.seq_lengths,
             move(self.kv_num_blocks),
             move(self.kv_indices),
@@ -968,6 +968,11 @@ class BlockMask:
             BLOCK_SIZE=self.BLOCK_SIZE,
             mask_mod=self.mask_mod,
         )
+        band = getattr(self, "_attn_jagged", None)
+        if band is not None:
+            # The same mask elsewhere: its band (host tensors, attn._blocks) goes along.
+            moved._attn_jagged = band
+        return moved
 
     def kernel_lists(self, BM: int, BN: int) -> KernelLists:
         """The block lists at a kernel's tile size: ``BM`` queries (dividing Q_BLOCK_SIZE)

@@ -257,3 +257,37 @@ def test_device_mismatch_error():
     bm.kv_num_blocks = bm.kv_num_blocks.to("meta")
     with pytest.raises(RuntimeError, match="same device"):
         attn.flex_attention(q, q, q, block_mask=bm)
+
+
+@pytest.mark.parametrize("make", [
+    lambda Lq, Lk: mods.causal_mask,
+    lambda Lq, Lk: mods.causal_lower_right(Lq, Lk),
+    lambda Lq, Lk: mods.sliding_window(45),
+    lambda Lq, Lk: mods.sliding_window(0),
+    lambda Lq, Lk: mods.sliding_window(60, causal=False),
+], ids=["causal", "lower_right", "window45", "window0", "bidirectional60"])
+@pytest.mark.parametrize("lens", [(200, 200), (90, 230), (230, 90)], ids=str)
+def test_band_mods_run_as_bands(make, lens, request):
+    """The library band mods give create_block_mask a JaggedBand (the kernels then run
+    the mask by column limits, no mod evaluated): same result as the oracle, forward
+    and backward, at every alignment (Lq != Lk, rows that see no key); the mask's
+    ``to()`` keeps the band, a composed mask has none (block lists)."""
+    Lq, Lk = lens
+    mm = make(Lq, Lk)
+    bm = attn.create_block_mask(mm, None, None, Lq, Lk, device="cpu", BLOCK_SIZE=64)
+    assert bm._attn_jagged is not None and bm.to("cpu")._attn_jagged is bm._attn_jagged
+    q, k, v = _inputs(2, 4, 2, Lq, Lk, 16, torch.float32, seed=5)
+    # Window 0: one key per row, so dq is 0 exactly in the oracle and in PyTorch's
+    # autograd (P = 1), and float32 rounding of delta = rowsum(dO * O) is all that is
+    # left: forward only (the gradients of the band path are checked by the others).
+    out, aux = _check(q, k, v, None, bm, gqa=True,
+                      backward="window0" not in request.node.callspec.id)
+    lists = attn.create_block_mask(mm, None, None, Lq, Lk, device="cpu", BLOCK_SIZE=64)
+    del lists._attn_jagged
+    o2, a2 = attn.flex_attention(q, k, v, block_mask=lists, enable_gqa=True,
+                                 return_aux=attn.AuxRequest(lse=True))
+    torch.testing.assert_close(out.detach(), o2, atol=2e-6, rtol=2e-6)
+    assert torch.equal(torch.isfinite(aux.lse), torch.isfinite(a2.lse))
+    both = attn.and_masks(mm, attn.noop_mask)
+    assert getattr(attn.create_block_mask(both, None, None, Lq, Lk, device="cpu"),
+                   "_attn_jagged", None) is None
