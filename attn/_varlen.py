@@ -665,13 +665,7 @@ def _repeat_key(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
             or type(enable_gqa) is not bool or not _copy_costs_sync(cu_seq_q)
             or torch.compiler.is_compiling()):
         return None
-    if return_aux is None:
-        want = False
-    elif (type(return_aux).__name__ == "AuxRequest"
-          and not getattr(return_aux, "max_scores", False)):
-        want = bool(return_aux.lse)
-    else:
-        return None
+    want = _wants_lse(return_aux)  # raises for a bad return_aux, as the full path does
     from .backends import selection_state
 
     ks = None if cu_seq_k is None else (id(cu_seq_k), _stamp(cu_seq_k))
