@@ -1164,13 +1164,10 @@ def create_block_mask(
         BLOCK_SIZE=(BQ, BKV),
         mask_mod=mask_mod,
     )
-    band = getattr(mask_mod, "_attn_band", None)
+    make_band = getattr(mask_mod, "_attn_band", None)
+    band = make_band(Q_LEN, KV_LEN) if make_band is not None else None
     if band is not None:
-        # A library band mod (attn.mods: causal, sliding window): the kernels that read
-        # a JaggedBand run it as one sequence with column limits (attn._blocks).
-        from ._blocks import JaggedBand
-
-        diag, left, right = band
-        z = torch.zeros(1, dtype=torch.int64)
-        bm._attn_jagged = JaggedBand(z, z + Q_LEN, z, z + KV_LEN, z + diag, left, right)
+        # A library band mod (attn.mods: causal, sliding window, documents): the kernels
+        # that read a JaggedBand run it per sequence with column limits (attn._blocks).
+        bm._attn_jagged = band
     return bm

@@ -42,13 +42,24 @@ def _name(fn, text: str):
     return fn
 
 
-def _band(fn, diag: int, left: int, right: int):
-    # A mask that is a band of one sequence, query i seeing key j when
-    # i + diag - left <= j <= i + diag + right (-1: unbounded side): create_block_mask
-    # attaches it to the BlockMask (attn._blocks.JaggedBand), so the kernels run it by
-    # column limits per tile, as varlen_attn's masks, without evaluating the mod.
-    fn._attn_band = (int(diag), int(left), int(right))
+def _band(fn, make):
+    # A mask that is a band per sequence (attn._blocks.JaggedBand: query t of sequence s
+    # sees key j of s when t + diag[s] - left <= j <= t + diag[s] + right, -1 unbounded):
+    # ``make(Q_LEN, KV_LEN)`` gives the band, or None where the mod is not one at these
+    # lengths. create_block_mask attaches it to the BlockMask, so the kernels run the
+    # mask by column limits per tile, as varlen_attn's masks, without evaluating the mod.
+    fn._attn_band = make
     return fn
+
+
+def _one_band(diag: int, left: int, right: int):
+    def make(Lq: int, Lk: int):
+        from ._blocks import JaggedBand
+
+        z = torch.zeros(1, dtype=torch.int64)
+        return JaggedBand(z, z + Lq, z, z + Lk, z + diag, left, right)
+
+    return make
 
 
 def _nonneg_int(value, name: str) -> int:
@@ -69,7 +80,7 @@ def causal_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     return q_idx >= kv_idx
 
 
-_band(causal_mask, 0, -1, 0)
+_band(causal_mask, _one_band(0, -1, 0))
 
 
 def causal_lower_right(Lq: int, Lk: int):
@@ -93,7 +104,7 @@ def causal_lower_right(Lq: int, Lk: int):
     def mask_mod(b, h, q_idx, kv_idx):
         return q_idx + offset >= kv_idx
 
-    return _band(_name(mask_mod, f"causal_lower_right_{Lq}_{Lk}"), offset, -1, 0)
+    return _band(_name(mask_mod, f"causal_lower_right_{Lq}_{Lk}"), _one_band(offset, -1, 0))
 
 
 def sliding_window(window: int, causal: bool = True):
@@ -121,14 +132,14 @@ def sliding_window(window: int, causal: bool = True):
             diff = q_idx - kv_idx
             return (diff >= 0) & (diff <= window)
 
-        return _band(_name(mask_mod, f"sliding_window_{window}"), 0, window, 0)
+        return _band(_name(mask_mod, f"sliding_window_{window}"), _one_band(0, window, 0))
 
     def mask_mod(b, h, q_idx, kv_idx):
         diff = q_idx - kv_idx
         return (diff <= window) & (diff >= -window)
 
-    return _band(_name(mask_mod, f"sliding_window_{window}_bidirectional"), 0, window,
-                 window)
+    return _band(_name(mask_mod, f"sliding_window_{window}_bidirectional"),
+                 _one_band(0, window, window))
 
 
 def prefix_lm(prefix_length: int | Tensor):
@@ -219,6 +230,17 @@ def document_mask(offsets: Tensor, causal: bool = False, length: int | None = No
         length = int(offsets[-1])
     length = _nonneg_int(length, "length")
     doc = _document_ids(offsets, length)
+    host = offsets.detach().to("cpu")
+
+    def band(Lq: int, Lk: int):
+        # Documents tiling [0, Q_LEN) exactly (no padding, self-attention): each is a
+        # sequence of the band; otherwise the block lists and the mod.
+        if Lq != Lk or length != Lq or int(host[0]) != 0 or int(host[-1]) != Lq:
+            return None
+        from ._blocks import JaggedBand
+
+        a, e = host[:-1], host[1:]
+        return JaggedBand(a, e, a, e, torch.zeros_like(a), -1, 0 if causal else -1)
 
     if causal:
 
@@ -226,13 +248,13 @@ def document_mask(offsets: Tensor, causal: bool = False, length: int | None = No
             dq = doc[q_idx]
             return (dq == doc[kv_idx]) & (dq >= 0) & (q_idx >= kv_idx)
 
-        return _name(mask_mod, "document_causal_mask")
+        return _band(_name(mask_mod, "document_causal_mask"), band)
 
     def mask_mod(b, h, q_idx, kv_idx):
         dq = doc[q_idx]
         return (dq == doc[kv_idx]) & (dq >= 0)
 
-    return _name(mask_mod, "document_mask")
+    return _band(_name(mask_mod, "document_mask"), band)
 
 
 def alibi_slopes(num_heads: int) -> Tensor:

@@ -291,3 +291,27 @@ def test_band_mods_run_as_bands(make, lens, request):
     both = attn.and_masks(mm, attn.noop_mask)
     assert getattr(attn.create_block_mask(both, None, None, Lq, Lk, device="cpu"),
                    "_attn_jagged", None) is None
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_document_mask_band(causal):
+    """A document mask whose documents tile the sequence (empty ones included) runs as
+    a band, same result as the oracle and the block lists; with padding around the
+    documents, or at other lengths, it keeps the lists (rows outside every document
+    must still get out 0 and lse -inf)."""
+    L = 230
+    offs = torch.tensor([0, 0, 1, 70, 70, 199, L])
+    mm = mods.document_mask(offs, causal=causal)
+    bm = attn.create_block_mask(mm, None, None, L, L, device="cpu", BLOCK_SIZE=64)
+    assert bm._attn_jagged is not None
+    q, k, v = _inputs(2, 2, 2, L, L, 16, torch.float32, seed=9)
+    out, _ = _check(q, k, v, None, bm)
+    del bm._attn_jagged
+    torch.testing.assert_close(out.detach(), attn.flex_attention(q, k, v, block_mask=bm),
+                               atol=2e-6, rtol=2e-6)
+    padded = mods.document_mask(torch.tensor([10, 70, 200]), causal=causal, length=L)
+    bp = attn.create_block_mask(padded, None, None, L, L, device="cpu", BLOCK_SIZE=64)
+    assert getattr(bp, "_attn_jagged", None) is None
+    _check(q, k, v, None, bp)
+    short = attn.create_block_mask(mm, None, None, 200, 200, device="cpu", BLOCK_SIZE=64)
+    assert getattr(short, "_attn_jagged", None) is None
