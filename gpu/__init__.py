@@ -384,6 +384,9 @@ def _outputs(q, v, flex: bool):
 # a JaggedBand run the forward per sequence (gpu/_mma.py JAG) instead of over the block
 # lists; ATTN_GPU_JAGGED=0 keeps the block-list path (the A/B switch of the benchmarks).
 JAGGED = os.environ.get("ATTN_GPU_JAGGED", "1").strip() != "0"
+# The backward of such calls per sequence too (gpu/_mma_bwd.py JAG) unless
+# ATTN_GPU_JAGGED_BWD=0 (block lists, as before; the benchmarks' A/B switch).
+JAGGED_BWD = os.environ.get("ATTN_GPU_JAGGED_BWD", "1").strip() != "0"
 # The item table's bound on dg / dl (an unbounded side; keeps r + dg inside int32).
 _ITEM_BOUND = 1 << 30
 
@@ -429,6 +432,48 @@ def jagged_items(band, BM: int, BN: int, device) -> torch.Tensor:
     tab = torch.stack([qa, q1[seq], n0, nt, ke, dg, dl, torch.zeros_like(qa)], 1)
     tab = tab[torch.sort(nt, stable=True).indices].to(torch.int32).contiguous()
     hit = band._schedules[key] = tab.to(device)
+    return hit
+
+
+def jagged_bwd_items(band, BM: int, BN: int, device) -> torch.Tensor:
+    """The per-sequence backward's item table (int32, 8 per item, on ``device``; cached
+    on the band): one item per BN-key tile of each sequence, [its first key, the
+    sequence's key end, the first row of its first q tile, q tiles, the sequence's query
+    end, dg, dl, 0] (the forward's dg / dl: row r sees keys r + dl <= j < r + dg), the
+    q tiles those of the sequence's BM-row tiling that hold a row seeing a key of the
+    tile; ordered by q tiles ascending (the kernel runs the last item first)."""
+    key = ("gpu-bwd-items", BM, BN, str(device))
+    hit = band._schedules.get(key)
+    if hit is not None:
+        return hit
+    L, R = band.sides()
+    q0, q1, k0, k1, c = band.q0, band.q1, band.k0, band.k1, band.diag
+    seq, t = seq_tiles((k1 - k0 + BN - 1) // BN)
+    n0 = k0[seq] + t * BN
+    nz = torch.minimum(n0 + BN, k1[seq]) - 1  # the tile's last key
+    qa, qe = q0[seq], q1[seq]
+    dg = torch.clamp(c[seq] + R + 1, max=_ITEM_BOUND)
+    dl = torch.clamp(c[seq] - L, min=-_ITEM_BOUND)
+    lo = torch.maximum(qa, n0 - dg + 1)  # first row that sees a key of the tile
+    hi = torch.minimum(qe - 1, nz - dl)  # last one
+    mj = qa + torch.div(lo - qa, BM, rounding_mode="floor") * BM
+    nq = torch.where(hi >= lo, (hi + 1 - mj + BM - 1) // BM, 0)
+    tab = torch.stack([n0, k1[seq], mj, nq, qe, dg, dl, torch.zeros_like(n0)], 1)
+    tab = tab[torch.sort(nq, stable=True).indices].to(torch.int32).contiguous()
+    hit = band._schedules[key] = tab.to(device)
+    return hit
+
+
+def _keys_covered(band, Lk: int) -> bool:
+    """Whether the band's sequences hold every key 0..Lk-1 (the jagged backward stores
+    dK/dV only inside them; otherwise the rest must be zeroed first)."""
+    key = ("keys-covered", Lk)
+    hit = band._schedules.get(key)
+    if hit is None:
+        k0, k1 = band.k0, band.k1
+        hit = bool(k0.numel() and int(k0[0]) == 0 and int(k1[-1]) == Lk
+                   and torch.equal(k0[1:], k1[:-1]))
+        band._schedules[key] = hit
     return hit
 
 
@@ -669,6 +714,23 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
                              dqa is not None)
     if tc:
         BM, BN = _mma_bwd.tile(D, Dv, kind)
+    band = band_of(flex) if tc and dqa is not None and JAGGED_BWD else None
+    if band is not None and not jagged_reasons(q.dtype, D, Dv, B, flex, attn_mask, tiling):
+        # Per sequence, as the forward (kernel JAG): kv tiles from each sequence's first
+        # key, column limits, no mod, no block lists.
+        items = jagged_bwd_items(band, BM, BN, q.device)
+        if not _keys_covered(band, Lk):
+            dk.zero_()
+            dv.zero_()
+        if items.shape[0]:
+            d = _dummy(q.device)
+            launch(_mma_bwd.dkdv_kernel(kind, D, Dv, False, False, None, True),
+                   (items.shape[0], B * Hkv), _mma_bwd.threads(D, Dv, kind), (
+                       *common, dk, dv, dqa, *strides, *dk.stride(), *dv.stride(),
+                       Hq, Hkv, Hq // Hkv, Lq, Lk, scale,
+                       items, d, d, d, 0, 0, 0, d, d, d, d,
+                   ), q.device.index, _mma_bwd.shared_bytes(D, Dv, False, kind))
+        return
     lb = lh = 0
     if sparse:
         _, (qf_n, qf_i, qp_n, qp_i, ncols), _, (lb, lh) = _flex_lists(flex, BM, BN,

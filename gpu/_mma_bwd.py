@@ -215,6 +215,19 @@ def _advance(gi, it, G, hk, b, lb, lh, kb, qf_num, qp_num):
     return gi, it
 
 
+@cuda.jit(device=True, inline=True)
+def _next_jag(gi, it, G, nqt):
+    """JAG's work item after (gi, it): the item's nqt q tiles of every head of the
+    group in turn; gi = G when there is none."""
+    if nqt == 0:
+        return G, 0
+    it += 1
+    if it >= nqt:
+        gi += 1
+        it = 0
+    return gi, it
+
+
 # The warp's tile products and the dK/dV copy-out, one factory per shape. They are
 # inlined device functions: their loops unroll inside the kernel exactly as when written
 # there (the generated code is the same), so the accumulators stay in registers.
@@ -427,11 +440,25 @@ def _totals(N: int):
 
 
 @lru_cache(maxsize=None)
-def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None):
+def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
+                JAG: bool = False):
     """The tensor-core dK/dV(+dQ atomics) kernel for one specialisation; same arguments
-    as _kernels.dkdv_kernel's kernels."""
+    as _kernels.dkdv_kernel's kernels.
+
+    ``JAG``: packed variable-length sequences (a JaggedBand), scheduled per sequence as
+    the forward's JAG: CTA x reads item ``qf_num[8 * x : 8 * x + 7]`` of a table
+    (gpu.jagged_bwd_items) = the first key n0 of a BN-key tile of a sequence, the
+    sequence's key end, the first row of its first q tile, the number of BM-row q
+    tiles, the sequence's query end, dg, dl (row r sees keys r + dl <= j < r + dg).
+    Rows past the query end get lse +inf (P = 0), keys past the key end a -inf bias,
+    and dK/dV rows are stored only below the key end (the next sequence's tile is
+    another CTA's); only tiles cut by the limits test them per element. Needs dQ by
+    atomics; no causal flag, attn_mask or mods."""
     if reasons(kind, D, Dv):
         raise ValueError("; ".join(reasons(kind, D, Dv)))
+    if JAG and (CAUSAL or MASK or mods is not None):
+        raise ValueError("the jagged backward takes its limits from the item table: no "
+                         "causal flag, attn_mask or mods")
     mask_fn, score_fn, MASKMOD, SCORE = _hooks(mods)
     o_ = ops(kind)
     frag_a, frag_b2, frag_bt2, mma = o_.frag_a, o_.frag_b2, o_.frag_bt2, o_.mma
@@ -514,14 +541,27 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         dsq = _pa_product(KQ, D // 16, LDK, frag_bt2, mma)
 
     @cuda.jit(device=True, inline=True)
-    def stage(sm, smf, nb, gi, it, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
-              gs_b, gs_h, gs_l, gs_d, b, hk, G, Hq, Lq, kb, lb, lh,
-              qf_num, qf_idx, qp_idx, ncols, tid):
-        # Q, dO of work item (gi, it) into buffer nb (asynchronous where the layout
-        # allows), lse*log2(e) and delta beside them (plain loads: BM values).
-        h = hk * G + gi
-        lr = b * lb + h * lh + kb
-        m0 = _block_at(it, qf_num[lr], lr, ncols, qf_idx, qp_idx) * BM
+    def _next(gi, it, G, hk, b, lb, lh, kb, qf_num, qp_num, nqt):
+        if JAG:
+            return _next_jag(gi, it, G, nqt)
+        return _advance(gi, it, G, hk, b, lb, lh, kb, qf_num, qp_num)
+
+    @cuda.jit(device=True, inline=True)
+    def q_row(gi, it, hk, G, b, lb, lh, kb, qf_num, qf_idx, qp_idx, ncols, mj):
+        # First row of work item (gi, it): from the block lists, or (JAG) the item's
+        # first q tile mj plus it tiles.
+        if JAG:
+            return mj + it * BM
+        lr = b * lb + (hk * G + gi) * lh + kb
+        return _block_at(it, qf_num[lr], lr, ncols, qf_idx, qp_idx) * BM
+
+    @cuda.jit(device=True, inline=True)
+    def stage(sm, smf, nb, m0, h, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
+              gs_b, gs_h, gs_l, gs_d, b, Hq, Lq, qlim, tid):
+        # Q, dO of the q block at row m0 of head h into buffer nb (asynchronous where
+        # the layout allows), lse*log2(e) and delta beside them (plain loads: BM
+        # values). Rows at or past qlim (another sequence, JAG) stage as a query that
+        # saw no key.
         qbase = b * qs_b + h * qs_h
         gbase = b * gs_b + h * gs_h
         load_q(sm, OQ0 + nb * QSZ, q, qbase, m0, qs_l, qs_d, Lq, tid,
@@ -532,7 +572,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
             qm = m0 + tid
             lv = POS_INF
             dl = ZERO
-            if qm < Lq:
+            if qm < qlim:
                 r = (b * Hq + h) * Lq + qm
                 lv = lse[r]
                 # A query that saw no key (lse -inf) has P = 0 everywhere: +inf makes
@@ -559,7 +599,20 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         lane = tid & 31
         g = lane >> 2
         t = lane & 3
-        n0 = kb * BN
+        if JAG:
+            e = 8 * (cuda.gridDim.x - 1 - kb)  # items lightest first: heaviest start
+            n0 = qf_num[e]
+            klim = qf_num[e + 1]   # keys at or past it: another sequence
+            mj = qf_num[e + 2]
+            nqt = qf_num[e + 3]
+            qlim = qf_num[e + 4]   # rows at or past it: another sequence
+            dg = qf_num[e + 5]
+            dl = qf_num[e + 6]
+        else:
+            n0 = kb * BN
+            klim = Lk
+            qlim = Lq
+            mj = nqt = dg = dl = 0
 
         sm = cuda.shared.array(0, ELT)
         smf = cuda.shared.array(0, float32)  # the same dynamic shared memory
@@ -584,17 +637,18 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         OVW = OV + 16 * w * LDV
         kr0 = n0 + 16 * w + g    # the lane's key rows: kr0, kr0 + 8
         # Keys past Lk: a -inf bias on their rows makes P = dS = 0 there.
-        rb0 = ZERO if kr0 < Lk else NEG_INF
-        rb1 = ZERO if kr0 + 8 < Lk else NEG_INF
+        rb0 = ZERO if kr0 < klim else NEG_INF
+        rb1 = ZERO if kr0 + 8 < klim else NEG_INF
 
         load_k(sm, OK, k, kbase, n0, ks_l, ks_d, Lk, tid, vec_ok(k, kbase, ks_l, ks_d))
         load_v(sm, OV, v, vbase, n0, vs_l, vs_d, Lk, tid, vec_ok(v, vbase, vs_l, vs_d))
         commit()
-        gi, it = _advance(0, -1, G, hk, b, lb, lh, kb, qf_num, qp_num)
+        gi, it = _next(0, -1, G, hk, b, lb, lh, kb, qf_num, qp_num, nqt)
         if gi < G:
-            stage(sm, smf, 0, gi, it, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
-                  gs_b, gs_h, gs_l, gs_d, b, hk, G, Hq, Lq, kb, lb, lh,
-                  qf_num, qf_idx, qp_idx, ncols, tid)
+            stage(sm, smf, 0,
+                  q_row(gi, it, hk, G, b, lb, lh, kb, qf_num, qf_idx, qp_idx, ncols, mj),
+                  hk * G + gi, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
+                  gs_b, gs_h, gs_l, gs_d, b, Hq, Lq, qlim, tid)
         commit()
         wait_one()  # K and V have landed (groups complete in order)
         cuda.syncthreads()
@@ -614,17 +668,22 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
         nq = 0  # q blocks done (FLUSH)
         while gi < G:
             h = hk * G + gi
-            lr = b * lb + h * lh + kb
-            nf = qf_num[lr]
-            partial = it >= nf
-            m0 = _block_at(it, nf, lr, ncols, qf_idx, qp_idx) * BM
-            ngi, nit = _advance(gi, it, G, hk, b, lb, lh, kb, qf_num, qp_num)
+            m0 = q_row(gi, it, hk, G, b, lb, lh, kb, qf_num, qf_idx, qp_idx, ncols, mj)
+            if JAG:
+                # Cut by a limit: a key at or past the first row's upper edge, or one
+                # below the last row's lower edge.
+                partial = n0 + BN > m0 + dg or n0 < m0 + BM - 1 + dl
+            else:
+                partial = it >= qf_num[b * lb + h * lh + kb]
+            ngi, nit = _next(gi, it, G, hk, b, lb, lh, kb, qf_num, qp_num, nqt)
             if ngi < G:
                 # The next q block into the other buffer: free since the second
                 # barrier of the previous iteration.
-                stage(sm, smf, 1 - buf, ngi, nit, q, do, lse, delta, qs_b, qs_h, qs_l,
-                      qs_d, gs_b, gs_h, gs_l, gs_d, b, hk, G, Hq, Lq, kb, lb, lh,
-                      qf_num, qf_idx, qp_idx, ncols, tid)
+                stage(sm, smf, 1 - buf,
+                      q_row(ngi, nit, hk, G, b, lb, lh, kb, qf_num, qf_idx, qp_idx, ncols,
+                            mj),
+                      hk * G + ngi, q, do, lse, delta, qs_b, qs_h, qs_l, qs_d,
+                      gs_b, gs_h, gs_l, gs_d, b, Hq, Lq, qlim, tid)
                 commit()
                 wait_one()
             else:
@@ -702,6 +761,16 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                     hi = (idx >> 1) & 1
                     x = s[idx] * sl2 + (rb1 if hi else rb0) - smf[ol + col]
                     p = exp2(x) if kr0 + 8 * hi <= m0 + col else ZERO
+                    s[idx] = p
+                    dp[idx] = p * (dp[idx] - smf[od + col])
+            elif JAG and partial:
+                for idx in range(NS):
+                    col = 8 * (idx >> 2) + 2 * t + (idx & 1)
+                    hi = (idx >> 1) & 1
+                    kn = kr0 + 8 * hi
+                    qm = m0 + col
+                    x = s[idx] * sl2 + (rb1 if hi else rb0) - smf[ol + col]
+                    p = exp2(x) if kn < qm + dg and kn >= qm + dl else ZERO
                     s[idx] = p
                     dp[idx] = p * (dp[idx] - smf[od + col])
             else:
@@ -799,7 +868,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                         # n = 2t + (e & 1), query row g + 8*((e >> 1) & 1)
                         for e in range(16):
                             qm = m0 + qc + 8 * ((e >> 1) & 1)
-                            if qm < Lq:
+                            if qm < qlim:  # past it dS is 0 (JAG)
                                 d = 32 * J + 8 * t + 4 * (e & 1) + (e >> 2)
                                 cuda.atomic.add(dqa, (rbase + qm) * D + d, dqc[e] * sc)
             else:
@@ -829,7 +898,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                     if valid:
                         for e in range(8):
                             qm = m0 + 16 * mq + g + 8 * ((e >> 1) & 1)
-                            if qm < Lq:
+                            if qm < qlim:  # past it dS is 0 (JAG)
                                 d = 16 * jp + 8 * (e >> 2) + 2 * t + (e & 1)
                                 cuda.atomic.add(dqa, (rbase + qm) * D + d, dqc[e] * sc)
             if FLUSHING:
@@ -840,9 +909,9 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                 # over the whole q loop (G*Lq queries) that error grows with Lq.
                 nq += 1
                 if nq % FLUSH == 0 and ngi < G:
-                    flush_k(dk, b * dks_b + hk * dks_h, dks_l, dks_d, kr0, Lk, t, dka,
+                    flush_k(dk, b * dks_b + hk * dks_h, dks_l, dks_d, kr0, klim, t, dka,
                             True)
-                    flush_v(dv, b * dvs_b + hk * dvs_h, dvs_l, dvs_d, kr0, Lk, t, dva,
+                    flush_v(dv, b * dvs_b + hk * dvs_h, dvs_l, dvs_d, kr0, klim, t, dva,
                             True)
             gi = ngi
             it = nit
@@ -862,10 +931,10 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                 # before the barrier after which the copy-out overwrites the slots.
                 dkb = b * dks_b + hk * dks_h
                 dvb = b * dvs_b + hk * dvs_h
-                flush_k(dk, dkb, dks_l, dks_d, kr0, Lk, t, dka, False)
-                flush_v(dv, dvb, dvs_l, dvs_d, kr0, Lk, t, dva, False)
-                total_k(dk, dkb, dks_l, dks_d, kr0, Lk, t, dka)
-                total_v(dv, dvb, dvs_l, dvs_d, kr0, Lk, t, dva)
+                flush_k(dk, dkb, dks_l, dks_d, kr0, klim, t, dka, False)
+                flush_v(dv, dvb, dvs_l, dvs_d, kr0, klim, t, dva, False)
+                total_k(dk, dkb, dks_l, dks_d, kr0, klim, t, dka)
+                total_v(dv, dvb, dvs_l, dvs_d, kr0, klim, t, dva)
         cuda.syncthreads()  # every warp is done reading K (dQ of the last q block)
         if TF32:
             # One word per register: key row 16w + g + 8*((idx >> 1) & 1), n-tile
@@ -886,7 +955,8 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None)
                 smi[(OVW + (g + 8 * ((idx >> 1) & 1)) * LDV + 8 * (idx >> 2) + 2 * t) >> 1] = \
                     pack(dva[idx], dva[idx + 1])
         cuda.syncthreads()
-        store_k(dk, b * dks_b + hk * dks_h, dks_l, dks_d, sm, OK, n0, Lk, tid)
-        store_v(dv, b * dvs_b + hk * dvs_h, dvs_l, dvs_d, sm, OV, n0, Lk, tid)
+        # Rows below klim only: past it is the next sequence's tile (JAG; else Lk).
+        store_k(dk, b * dks_b + hk * dks_h, dks_l, dks_d, sm, OK, n0, klim, tid)
+        store_v(dv, b * dvs_b + hk * dvs_h, dvs_l, dvs_d, sm, OV, n0, klim, tid)
 
     return dkdv

@@ -83,7 +83,9 @@ def flex_spec(mask_mod, score_mod, B, H, L, block):
 # path without bit sets, keys past Lk excluded by column).
 MMA_FLEX_L = 49
 MMA_FLEX_MODS = ((mods.causal_mask, mods.alibi(2)),
-                 (mods.document_mask(torch.tensor([0, 10, 11, 40, 49])), None),
+                 # padded (tokens 45.. in no document): the block lists and the mod,
+                 # not a band (the jagged kernels have their own cases)
+                 (mods.document_mask(torch.tensor([0, 10, 11, 40, 45]), length=49), None),
                  (None, mods.tanh_softcap(2.0)))
 
 def mma_flex_inputs(seed):

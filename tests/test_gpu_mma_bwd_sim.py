@@ -124,6 +124,39 @@ _SCRIPT = FLEX + textwrap.dedent(
         ref = grads_of(fn, [t.double() for t in (q, k, v)], go.double())
         tor = grads_of(fn, [q, k, v], go)
         worst = max(worst, check(f"flex {mask_mod}", grads, ref, tor, go.abs().max().item()))
+
+    # Jagged bands (gpu/_mma_bwd.py JAG): per-sequence kv tiles with column limits, for
+    # varlen masks (empty sequences, Lq != Lk, windows with both edges, GQA) and a
+    # library band mod at batch 2 (one sequence, the same band for every batch entry).
+    calls = []
+    items_fn = gpu.jagged_bwd_items
+    gpu.jagged_bwd_items = lambda *a: calls.append(1) or items_fn(*a)
+    cq = torch.tensor([0, 0, 1, 18, 51, 51, 84])
+    ck = torch.tensor([0, 3, 3, 37, 60, 61, 100])
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(1, 2, 84, 16, generator=g).to(dt)
+    k, v = (torch.randn(1, 1, 100, 16, generator=g).to(dt) for _ in range(2))
+    go = torch.randn(1, 2, 84, 16, generator=g).to(dt)
+    jag = [(attn.document_block_mask(cq, ck, window_size=w), q, k, v, go)
+           for w in ((-1, -1), (-1, 0), (4, 0), (20, 3))]
+    q2 = torch.randn(2, 2, MMA_FLEX_L, 16, generator=g).to(dt)
+    k2, v2 = (torch.randn(2, 2, MMA_FLEX_L, 16, generator=g).to(dt) for _ in range(2))
+    go2 = torch.randn(2, 2, MMA_FLEX_L, 16, generator=g).to(dt)
+    jag.append((attn.create_block_mask(mods.sliding_window(5), None, None, MMA_FLEX_L,
+                                       MMA_FLEX_L, device="cpu", BLOCK_SIZE=32),
+                q2, k2, v2, go2))
+    for bm, qq, kk, vv, gg in jag:
+        assert bm._attn_jagged is not None
+        spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod), None, False, None)
+        out, lse = gpu.forward(qq, kk, vv, None, False, None, flex=spec)
+        before = len(calls)
+        grads = gpu.backward(qq, kk, vv, out, lse, gg, None, None, False, None, flex=spec)
+        assert len(calls) == before + 1, "the jagged backward did not run"
+        fn = lambda a, b, c: ref_flex(a, b, c, None, bm, None, True)
+        ref = grads_of(fn, [t.double() for t in (qq, kk, vv)], gg.double())
+        tor = grads_of(fn, [qq, kk, vv], gg)
+        worst = max(worst, check(f"jagged {bm.mask_mod.__name__}", grads, ref, tor,
+                                 gg.abs().max().item()))
     print("OK mma backward; worst abs error", worst, "in", round(time.time() - t0), "s")
     """
 )
