@@ -9,7 +9,7 @@ numba-cuda's compile_ptx for sm_90, then `ptxas -v` and `cuobjdump -sass`
 KIND is f32 (3xTF32), bf16 or f16; ``mask`` an attn_mask, ``mod`` a FlexAttention
 (causal) mask_mod, ``doc`` a document mask_mod reading two int64 buffers, ``alibi`` / ``softcap`` that
 score_mod beside the causal mask_mod (the kernel of its partial blocks; full blocks share it), ``jag`` / ``jag2``
-the per-sequence forward of packed jagged batches (forward_kernel's JAG 1 / 2: with left window edges). The tile
+the per-sequence forward of packed jagged batches (forward_kernel's JAG 1 / 2: with left window edges; with ``bwd``, the per-sequence dK/dV kernel, JAG). The tile
 configuration comes from gpu/_mma.py / gpu/_mma_bwd.py or ATTN_GPU_TF32_CONFIG,
 ATTN_GPU_MMA_CONFIG, ATTN_GPU_TF32_BWD_CONFIG, ATTN_GPU_MMA_BWD_CONFIG. The float32
 backward is compiled whatever ATTN_GPU_TF32X3_BWD says. Needs ptxas and cuobjdump on
@@ -100,7 +100,7 @@ def main():
            f"{'_' + score if score else ''}{f'_jag{jag}' if jag else ''}")
     t0 = time.time()
     if bwd:
-        k = _mma_bwd.dkdv_kernel(kind, D, D, causal, mask, mods)
+        k = _mma_bwd.dkdv_kernel(kind, D, D, causal, mask, mods, bool(jag))
         # dkdv's arguments: q k v do, lse delta mask, dk dv, dqa; 28 strides; Hq Hkv G
         # Lq Lk; scale; the four block-list arrays, ncols lb lh; the four buffers.
         sig = (tuple([arr(elt)] * 4 + [arr(types.float32)] * 3 + [arr(elt)] * 2
