@@ -9,7 +9,7 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 out=${OUT:-/tmp/s18b}; logs=/tmp/s18b-logs; mkdir -p $out $logs
 t0=$(date +%s)
-pt="timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --tb=short"
+pt="timeout 175 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --tb=short"
 pids=()
 $pt tests/test_varlen.py > $logs/varlen-tests.txt 2>&1 & pids+=($!)
 for k in "causal and not alibi and not softcap" sliding_window document; do
@@ -19,12 +19,12 @@ for p in "${pids[@]}"; do wait $p; done
 echo "tests wall $(( $(date +%s) - t0 )) s"
 for f in $logs/*.txt; do echo "$(basename $f): $(tail -n 1 $f)"; done
 grep -hE "^FAILED|^ERROR|Error" $logs/*.txt | cut -c1-300 | head -12
-left=$(( 320 - $(date +%s) + t0 ))
+left=$(( 300 - $(date +%s) + t0 ))
 timeout $left python3 bench/bench_flex.py --device cuda --lens 16384 \
   --dtypes bfloat16 --cases causal,sliding_window_512,document --warmup 1 --repeats 5 \
   --out $logs/flex > $logs/flex.txt 2>&1
 grep -E "^\| 16384 \| 1|Efficiency target" $logs/flex.txt | head -8
-left=$(( 385 - $(date +%s) + t0 ))
+left=$(( 305 - $(date +%s) + t0 ))
 [ $left -gt 60 ] && timeout $left python3 bench/bench_varlen.py --device cuda \
   --out $logs/varlen > $logs/varlen.txt 2>&1
 grep -E "^\|" $logs/varlen.txt | head -8
