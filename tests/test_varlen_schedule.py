@@ -58,8 +58,10 @@ def test_varlen_takes_the_per_sequence_path(monkeypatch):
         assert args["mods"][0] == 0, "the band replaces the element mask_mod"
     bm = document_block_mask(cu, cu, (-1, 0))
     assert isinstance(bm._attn_jagged, JaggedBand)
-    # A derived mask is a new object: it falls back to the lists.
-    assert getattr(bm.to("cpu"), "_attn_jagged", None) is None
+    # The same mask on another device keeps its band; an indexed one (another mask)
+    # falls back to the lists.
+    assert bm.to("cpu")._attn_jagged is bm._attn_jagged
+    assert getattr(bm[0], "_attn_jagged", None) is None
 
 
 @pytest.mark.parametrize("schedule", ["fused", "split"])
@@ -93,7 +95,8 @@ def test_matches_block_list_path(window):
     q, k, v = _inputs(sum(MIX), sum(MIX), 4, 2, 32, 32, torch.float64)
     go = torch.randn(sum(MIX), 4, 32, dtype=torch.float64)
     a = _varlen_all(q, k, v, cu, cu, window, go)
-    bm = document_block_mask(cu, cu, window).to("cpu")  # a copy: lists only
+    bm = document_block_mask(cu, cu, window).to("cpu")  # a copy, then lists only
+    del bm._attn_jagged
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out, aux = attn.flex_attention(q4, k4, v4, block_mask=bm, enable_gqa=True,
                                    return_aux=attn.AuxRequest(lse=True))
