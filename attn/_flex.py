@@ -64,6 +64,15 @@ def _traced(problem):
     return memo
 
 
+def _share_trace(new, old):
+    """``new`` with ``old``'s traced mods (the _traced memo), for problems that reuse a
+    mask whose mods read only tensors nothing writes (varlen_attn's repeated calls)."""
+    memo = old.__dict__.get("_attn_traced")
+    if memo is not None:
+        object.__setattr__(new, "_attn_traced", memo)
+    return new
+
+
 def _trace(problem):
     from . import _modgen
 

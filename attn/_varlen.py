@@ -32,6 +32,7 @@ import numbers
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -686,12 +687,12 @@ def _repeat_hit(rkey, cu_seq_q, cu_seq_k):
 
 
 def _repeat_run(hit: _Repeat, query, key, value):
-    from dataclasses import replace
-
-    from ._flex import _apply
+    from ._flex import _apply, _share_trace
 
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-    problem = _with_trace(replace(hit.problem, query=q4, key=k4, value=v4), hit.problem)
+    # The mask_mod of a varlen mask reads only the mask's own index tensors, which
+    # nothing writes: the first call's trace stays valid.
+    problem = _share_trace(replace(hit.problem, query=q4, key=k4, value=v4), hit.problem)
     out, lse, _ = _apply(q4, k4, v4, problem, hit.backend)
     return out[0].transpose(0, 1).contiguous(), lse[0]
 
@@ -718,20 +719,10 @@ def _repeat_learn(rkey, cu_seq_q, cu_seq_k, query, key, value, cq, ck, window, s
 
 
 def _strip(problem):
-    from dataclasses import replace
+    from ._flex import _share_trace
 
     e = problem.query.new_empty(0)
-    return _with_trace(replace(problem, query=e, key=e, value=e), problem)
-
-
-def _with_trace(new, old):
-    """``new`` with ``old``'s traced mods (attn._flex._traced's memo): the mask_mod of a
-    varlen mask reads only the mask's own index tensors, which nothing writes, so its
-    trace stays valid for every call that reuses the mask."""
-    memo = old.__dict__.get("_attn_traced")
-    if memo is not None:
-        object.__setattr__(new, "_attn_traced", memo)
-    return new
+    return _share_trace(replace(problem, query=e, key=e, value=e), problem)
 
 
 def _checked_offsets(query, key, cu_seq_q, cu_seq_k, seqused_k, max_q, max_k):

@@ -343,8 +343,7 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, f
     band = None
     if flex is not None and attn_mask is None and tiling is None and not SIM:
         band = band_of(flex)
-        if band is None or jagged_reasons(q.dtype, q.shape[3], v.shape[3], q.shape[0],
-                                          flex):
+        if band is None or jagged_reasons(q.dtype, q.shape[3], v.shape[3], flex):
             band = None
     if band is None and (attn_mask is not None or flex is not None or tiling is not None
                          or SIM):
@@ -392,7 +391,7 @@ JAGGED_BWD = os.environ.get("ATTN_GPU_JAGGED_BWD", "0").strip() == "1"
 _ITEM_BOUND = 1 << 30
 
 
-def jagged_reasons(dtype, D, Dv, B, flex, attn_mask=None, tiling=None) -> list[str]:
+def jagged_reasons(dtype, D, Dv, flex, attn_mask=None, tiling=None) -> list[str]:
     """Why a flex call with a jagged band does not run the per-sequence forward (empty
     when it does). Any batch: a band's mask is the same for every batch entry and head
     (the kernel's grid y is batch x head)."""
@@ -418,20 +417,33 @@ def jagged_items(band, BM: int, BN: int, device) -> torch.Tensor:
     hit = band._schedules.get(key)
     if hit is not None:
         return hit
-    L, R = band.sides()
-    q0, q1, k0, k1, c = band.q0, band.q1, band.k0, band.k1, band.diag
+    q0, q1, k0, k1 = band.q0, band.q1, band.k0, band.k1
     seq, t = seq_tiles((q1 - q0 + BM - 1) // BM)
     qa = q0[seq] + t * BM
     qz = torch.minimum(qa + BM, q1[seq]) - 1
     ks, ke = k0[seq], k1[seq]
-    dg = torch.clamp(c[seq] + R + 1, max=_ITEM_BOUND)
-    dl = torch.clamp(c[seq] - L, min=-_ITEM_BOUND)
+    dg, dl = _edges(band, seq)
     hi = torch.minimum(ke, qz + dg)  # one past the tile's last visible key
     lo = torch.maximum(ks, qa + dl)  # the tile's first visible key
     n0 = ks + torch.div(lo - ks, BN, rounding_mode="floor") * BN
     nt = torch.where(hi > lo, (hi - n0 + BN - 1) // BN, 0)
-    tab = torch.stack([qa, q1[seq], n0, nt, ke, dg, dl, torch.zeros_like(qa)], 1)
-    tab = tab[torch.sort(nt, stable=True).indices].to(torch.int32).contiguous()
+    return _store_items(band, key, [qa, q1[seq], n0, nt, ke, dg, dl], nt, device)
+
+
+def _edges(band, seq):
+    """dg, dl of each item's sequence ``seq``: row r sees keys r + dl <= j < r + dg,
+    unbounded sides clamped to _ITEM_BOUND."""
+    L, R = band.sides()
+    c = band.diag[seq]
+    return (torch.clamp(c + R + 1, max=_ITEM_BOUND), torch.clamp(c - L, min=-_ITEM_BOUND))
+
+
+def _store_items(band, key, cols, work, device):
+    """The item table of ``cols`` (8 int32 per item, the last 0), ordered by ``work``
+    ascending (the kernels run the last item first, so the heaviest start first), on
+    ``device`` and cached on the band under ``key``."""
+    tab = torch.stack([*cols, torch.zeros_like(cols[0])], 1)
+    tab = tab[torch.sort(work, stable=True).indices].to(torch.int32).contiguous()
     hit = band._schedules[key] = tab.to(device)
     return hit
 
@@ -447,22 +459,17 @@ def jagged_bwd_items(band, BM: int, BN: int, device) -> torch.Tensor:
     hit = band._schedules.get(key)
     if hit is not None:
         return hit
-    L, R = band.sides()
-    q0, q1, k0, k1, c = band.q0, band.q1, band.k0, band.k1, band.diag
+    q0, q1, k0, k1 = band.q0, band.q1, band.k0, band.k1
     seq, t = seq_tiles((k1 - k0 + BN - 1) // BN)
     n0 = k0[seq] + t * BN
     nz = torch.minimum(n0 + BN, k1[seq]) - 1  # the tile's last key
     qa, qe = q0[seq], q1[seq]
-    dg = torch.clamp(c[seq] + R + 1, max=_ITEM_BOUND)
-    dl = torch.clamp(c[seq] - L, min=-_ITEM_BOUND)
+    dg, dl = _edges(band, seq)
     lo = torch.maximum(qa, n0 - dg + 1)  # first row that sees a key of the tile
     hi = torch.minimum(qe - 1, nz - dl)  # last one
     mj = qa + torch.div(lo - qa, BM, rounding_mode="floor") * BM
     nq = torch.where(hi >= lo, (hi + 1 - mj + BM - 1) // BM, 0)
-    tab = torch.stack([n0, k1[seq], mj, nq, qe, dg, dl, torch.zeros_like(n0)], 1)
-    tab = tab[torch.sort(nq, stable=True).indices].to(torch.int32).contiguous()
-    hit = band._schedules[key] = tab.to(device)
-    return hit
+    return _store_items(band, key, [n0, k1[seq], mj, nq, qe, dg, dl], nq, device)
 
 
 def _keys_covered(band, Lk: int) -> bool:
@@ -509,7 +516,7 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     out, lse = _outputs(q, v, flex is not None)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    if flex is not None and not jagged_reasons(q.dtype, D, Dv, B, flex, attn_mask, tiling):
+    if flex is not None and not jagged_reasons(q.dtype, D, Dv, flex, attn_mask, tiling):
         return _jagged_forward(q, k, v, out, lse, band_of(flex), scale)
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
     mods, bufs = _flex_args(flex, q.device)
@@ -716,7 +723,7 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
     if tc:
         BM, BN = _mma_bwd.tile(D, Dv, kind)
     band = band_of(flex) if tc and dqa is not None and JAGGED_BWD else None
-    if band is not None and not jagged_reasons(q.dtype, D, Dv, B, flex, attn_mask, tiling):
+    if band is not None and not jagged_reasons(q.dtype, D, Dv, flex, attn_mask, tiling):
         # Per sequence, as the forward (kernel JAG): kv tiles from each sequence's first
         # key, column limits, no mod, no block lists.
         items = jagged_bwd_items(band, BM, BN, q.device)

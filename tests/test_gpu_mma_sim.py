@@ -161,7 +161,7 @@ _JAGGED = FLEX + textwrap.dedent(
         bm = attn.document_block_mask(cq, kv, window_size=window)
         spec = KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod), None, False,
                           None)
-        why = gpu.jagged_reasons(dt, 16, 16, 1, spec)
+        why = gpu.jagged_reasons(dt, 16, 16, spec)
         assert not why, (window, why)
         out, lse = gpu.forward(q, kk, vv, None, False, None, flex=spec)
         ro, rl, _ = ref_flex(q.double(), kk.double(), vv.double(), None, bm, None, True)
