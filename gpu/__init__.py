@@ -383,10 +383,9 @@ def _outputs(q, v, flex: bool):
 # a JaggedBand run the forward per sequence (gpu/_mma.py JAG) instead of over the block
 # lists; ATTN_GPU_JAGGED=0 keeps the block-list path (the A/B switch of the benchmarks).
 JAGGED = os.environ.get("ATTN_GPU_JAGGED", "1").strip() != "0"
-# The backward of such calls per sequence too (gpu/_mma_bwd.py JAG) with
-# ATTN_GPU_JAGGED_BWD=1. Off by default until it has passed the GPU tests on a real
-# GPU (bench/NOTES.md G18: simulator only so far); off = the block lists.
-JAGGED_BWD = os.environ.get("ATTN_GPU_JAGGED_BWD", "0").strip() == "1"
+# The backward of such calls per sequence too (gpu/_mma_bwd.py JAG, bench/NOTES.md
+# G18); ATTN_GPU_JAGGED_BWD=0 keeps the transposed block lists (the A/B switch).
+JAGGED_BWD = os.environ.get("ATTN_GPU_JAGGED_BWD", "1").strip() != "0"
 # The item table's bound on dg / dl (an unbounded side; keeps r + dg inside int32).
 _ITEM_BOUND = 1 << 30
 

@@ -128,7 +128,7 @@ _SCRIPT = FLEX + textwrap.dedent(
     # Jagged bands (gpu/_mma_bwd.py JAG): per-sequence kv tiles with column limits, for
     # varlen masks (empty sequences, Lq != Lk, windows with both edges, GQA) and a
     # library band mod at batch 2 (one sequence, the same band for every batch entry).
-    gpu.JAGGED_BWD = True  # off by default until verified on a GPU (NOTES G18)
+    gpu.JAGGED_BWD = True  # the default; ATTN_GPU_JAGGED_BWD=0 in the environment must not skip this
     calls = []
     items_fn = gpu.jagged_bwd_items
     gpu.jagged_bwd_items = lambda *a: calls.append(1) or items_fn(*a)
