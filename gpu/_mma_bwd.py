@@ -94,7 +94,7 @@ from ._cuda import cuda, float32, int32
 from ._kernels import _block_at, _hooks
 from ._mma import (LOG2E, MASK_REGS, MAX_D, NEG_INF, ONE, ZERO, _JIT, Tiles, _loader,
                    head_dim_reasons, mask_bits, vec_ok)
-from ._ptx import SCRATCH_WORDS, ops
+from ._ptx import SCRATCH_WORDS, ops, red_add2
 
 __all__ = ["dkdv_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
 
@@ -105,7 +105,11 @@ POS_INF = np.float32(np.inf)
 # 255 registers and spills 16 bytes in some variants; re-read from shared memory per
 # q block (8 ldmatrix per 128 mma) it takes 173-188 registers, no spill. D = 128 with
 # 64-query blocks spills (the dK/dV accumulators alone are 128 registers beside 64 of
-# S^T/dP^T); 32-query blocks take 251 registers, no spill. The simulator runs every
+# S^T/dP^T); 32-query blocks take 251 registers, no spill. Measured on the H200 (G19):
+# D = 128 with 8 warps (128 keys) x 64 queries ran the dense backward at 185 TFLOP/s
+# against 157 here, but its causal, attn_mask and jagged variants spill (48-80 byte
+# stack), so it waits for per-variant tiles; D = 64 with 8 warps 155 against 152
+# (kept at 4). The simulator runs every
 # thread as a Python thread: 2 warps (32 keys) and 16-query blocks give several kv and
 # q blocks at L = 33.
 # Tuning knob for the device scripts: ATTN_GPU_MMA_BWD_CONFIG="64:4,64,1;128:4,64,0".
@@ -896,11 +900,15 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
                             scr, da[a], da[a + 1], da[a + 2], da[a + 3], b2, b3,
                             dqc[4], dqc[5], dqc[6], dqc[7])
                     if valid:
-                        for e in range(8):
-                            qm = m0 + 16 * mq + g + 8 * ((e >> 1) & 1)
+                        # Registers 4n + 2hi, +1: query row g + 8hi, dims 16jp + 8n + 2t,
+                        # +1 (adjacent: one 8-byte reduction each, NOTES G19).
+                        for hi in range(2):
+                            qm = m0 + 16 * mq + g + 8 * hi
                             if qm < qlim:  # past it dS is 0 (JAG)
-                                d = 16 * jp + 8 * (e >> 2) + 2 * t + (e & 1)
-                                cuda.atomic.add(dqa, (rbase + qm) * D + d, dqc[e] * sc)
+                                r = (rbase + qm) * D + 16 * jp + 2 * t
+                                red_add2(dqa, r, dqc[2 * hi] * sc, dqc[2 * hi + 1] * sc)
+                                red_add2(dqa, r + 8, dqc[4 + 2 * hi] * sc,
+                                         dqc[5 + 2 * hi] * sc)
             if FLUSHING:
                 # 3xTF32: every FLUSH q blocks (not after the last: the epilogue adds
                 # what is left), dK/dV's mma sums into their float32 totals by RED

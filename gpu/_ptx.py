@@ -52,7 +52,7 @@ import numpy as np
 
 from ._cuda import SIM, cuda, float32, int32
 
-__all__ = ["ops", "gaddr", "SCRATCH_WORDS"]
+__all__ = ["ops", "gaddr", "red_add2", "SCRATCH_WORDS"]
 
 
 # Per warp in the simulator: the A and B of one product (16x16 + 16x8 words; the
@@ -116,6 +116,12 @@ if SIM:
         # at the tensor's first element: alignment is then judged as on the GPU for
         # any 16-byte aligned tensor.
         return int(idx) * a.dtype.itemsize
+
+    @cuda.jit(device=True)
+    def red_add2(a, idx, x, y):
+        # The two float32 reductions of red.global.add.v2.f32, one after the other.
+        cuda.atomic.add(a, idx, x)
+        cuda.atomic.add(a, idx + 1, y)
 
     def _bits(x):
         return int(np.array([x], dtype=np.float32).view(np.int32)[0])
@@ -365,6 +371,30 @@ else:
         return types.uint64(arr, idx), codegen
 
     _fixed(gaddr, "gaddr")
+
+    @intrinsic
+    def red_add2(typingctx, arr, idx, x, y):
+        """a[idx] += x and a[idx + 1] += y (a float32 global array, idx even) as one
+        red.global.add.v2.f32: one 8-byte reduction per lane, so the four lanes of a
+        fragment row fill a 32-byte sector (two scalar REDs use half of each of two)."""
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32
+                and isinstance(idx, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            g = builder.ptrtoint(p, _i64)
+            xs = [context.cast(builder, v, t, types.float32)
+                  for v, t in zip(args[2:], sig.args[2:])]
+            _call(builder, ir.VoidType(), [_i64, ir.FloatType(), ir.FloatType()],
+                  "{ .reg .u64 g; cvta.to.global.u64 g, $0; "
+                  "red.global.add.v2.f32 [g], {$1, $2}; }",
+                  "l,f,f,~{memory}", [g] + xs, side_effect=True)
+            return context.get_dummy_value()
+
+        return types.void(arr, idx, x, y), codegen
+
+    _fixed(red_add2, "red_add2")
 
     @intrinsic
     def smem_addr(typingctx, arr, idx):

@@ -609,14 +609,24 @@ def _gpu_ready():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (100, 0), (3, 20)],
                          ids=lambda w: f"w{w[0]}_{w[1]}")
-def test_gpu(window, dtype):
+def test_gpu(window, dtype, monkeypatch):
     """The Numba CUDA kernels serve varlen_attn: the forward per sequence from the
-    mask's jagged band (gpu/_mma.py JAG; left window edges too), the backward through
-    the block lists. bfloat16 is held to PyTorch's own varlen_attn (FlashAttention) as
-    the baseline."""
+    mask's jagged band (gpu/_mma.py JAG; left window edges too); the bfloat16 backward
+    per sequence too (gpu/_mma_bwd.py JAG, checked below to have run), float32's through
+    the block lists (its backward has no tensor-core path without TF32). bfloat16 is
+    held to PyTorch's own varlen_attn (FlashAttention) as the baseline."""
     _gpu_ready()
+    from attn import gpu
+
+    jagged = []
+    make = gpu._mma_bwd.dkdv_kernel
+    monkeypatch.setattr(gpu._mma_bwd, "dkdv_kernel",
+                        lambda *a, **kw: jagged.append(kw.get("JAG", a[6:7] == (True,)))
+                        or make(*a, **kw))
     _check(LENS, KLENS, window, Hq=4, Hkv=2, D=64, dtype=dtype, device="cuda",
            torch_varlen=dtype == torch.bfloat16)
+    if dtype == torch.bfloat16 and gpu.JAGGED_BWD:
+        assert any(jagged), "the bfloat16 backward did not run per sequence"
 
 
 def test_public_sdpa_accepts_nested():
