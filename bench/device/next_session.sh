@@ -1,27 +1,26 @@
 #!/usr/bin/env bash
-# First device call of the next session (written 2026-12-03, session 18, whose device
-# time ran out on refused starts). What session 18 could not check on a GPU:
-# 1. the per-sequence backward (gpu/_mma_bwd.py JAG, bench/NOTES.md G18; opt-in
-#    ATTN_GPU_JAGGED_BWD=1): varlen and flex band tests with it on;
-# 2. its speed: bench_flex (causal, sliding window 512, document) and bench_varlen with
-#    it on, against session 18's numbers with the lists (flex-cuda-latest.md,
-#    varlen-cuda-latest.md). If 1 passes, flip the default in gpu/__init__.py
-#    (JAGGED_BWD) and drop the opt-in notes (README, NOTES G18).
-# 3. time permitting, G16: score_mod in registers (ALiBi / soft-cap + causal).
+# First device call of the next session (written 2026-12-03, session 19). What session
+# 19 did not run on a GPU after G19 (dQ by red.global.add.v2.f32): the whole test_gpu.py
+# matrix and test_gpu_flex.py (both dtypes, every case), in four shards, then the
+# backward speed (bwd_variants.py) for the record. Next work after it: per-variant
+# backward tiles (D 128: 8 warps x 64 queries for the dense and mask_mod variants,
+# bench/NOTES.md G19).
 # Usage (repository root, GPU machine): bash bench/device/next_session.sh
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD ATTN_GPU_JAGGED_BWD=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 out=${OUT:-/tmp/next}; logs=/tmp/next-logs; mkdir -p $out $logs
 t0=$(date +%s)
-LIMIT=240 OUT=$logs/tests bash bench/device/session18_c.sh
-left=$(( 400 - $(date +%s) + t0 ))
-timeout $left python3 bench/bench_flex.py --device cuda --lens 16384 --dtypes bfloat16 \
-  --cases causal,sliding_window_512,document --warmup 1 --repeats 5 --out $logs/flex \
-  > $logs/flex.txt 2>&1
-grep -E "^\| 16384 \| 1|Efficiency target" $logs/flex.txt | head -8
-left=$(( 560 - $(date +%s) + t0 ))
-[ $left -gt 60 ] && timeout $left python3 bench/bench_varlen.py --device cuda \
-  --out $logs/varlen > $logs/varlen.txt 2>&1
-grep -E "^\|" $logs/varlen.txt | head -8
+pt="timeout ${LIMIT:-360} python3 -m pytest -m gpu -q -p no:cacheprovider -rf --tb=short"
+$pt tests/test_gpu.py -k "float32" > $logs/gpu-f32.txt 2>&1 &
+$pt tests/test_gpu.py -k "not float32" > $logs/gpu-16.txt 2>&1 &
+$pt tests/test_gpu_flex.py -k "dtype0" > $logs/flex-f32.txt 2>&1 &
+$pt tests/test_gpu_flex.py -k "dtype1" tests/test_torch_flash.py tests/test_profile.py \
+  > $logs/flex-bf16.txt 2>&1 &
+wait
+for f in $logs/*.txt; do echo "$(basename $f): $(tail -n 1 $f)"; done
+grep -hE "^FAILED|^ERROR" $logs/*.txt | cut -c1-300 | head -12
+NUMBA_CACHE_DIR=/tmp/nc-now timeout 120 python3 bench/device/bwd_variants.py now \
+  > $logs/bwd.txt 2>&1
+grep "^ROW" $logs/bwd.txt | cut -c1-400
 tar czf $out/next.tgz -C /tmp next-logs
 echo "total $(( $(date +%s) - t0 )) s"
