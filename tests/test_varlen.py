@@ -611,10 +611,11 @@ def _gpu_ready():
                          ids=lambda w: f"w{w[0]}_{w[1]}")
 def test_gpu(window, dtype, monkeypatch):
     """The Numba CUDA kernels serve varlen_attn: the forward per sequence from the
-    mask's jagged band (gpu/_mma.py JAG; left window edges too); the bfloat16 backward
-    per sequence too (gpu/_mma_bwd.py JAG, checked below to have run), float32's through
-    the block lists (its backward has no tensor-core path without TF32). bfloat16 is
-    held to PyTorch's own varlen_attn (FlashAttention) as the baseline."""
+    mask's jagged band (gpu/_mma.py JAG; left window edges too); the backward per
+    sequence too wherever the tensor-core backward serves the dtype (gpu/_mma_bwd.py
+    JAG: bfloat16, and float32 by 3xTF32 unless that is switched off), checked below to
+    have run for bfloat16. bfloat16 is held to PyTorch's own varlen_attn
+    (FlashAttention) as the baseline."""
     _gpu_ready()
     from attn import gpu
 
