@@ -9,10 +9,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 out=${OUT:-/tmp/s19c}; logs=/tmp/s19c-logs; mkdir -p $out $logs
 t0=$(date +%s)
 pt="timeout ${LIMIT:-190} python3 -m pytest -m gpu -q -p no:cacheprovider -rf --tb=short"
-$pt tests/test_varlen.py > $logs/varlen.txt 2>&1 & p1=$!
-[ -n "${GPU_SUBSET:-}" ] && $pt tests/test_gpu.py -k "lengths or gqa or masks or public" > $logs/gpu-subset.txt 2>&1 & p2=$!
-$pt tests/test_gpu_flex.py -k "dtype1 and (sliding or document)" > $logs/flex-bands.txt 2>&1 & p3=$!
-$pt tests/test_gpu_flex.py -k "64 and dtype0 and (alibi or softcap)" > $logs/flex-pair.txt 2>&1 & p4=$!
+$pt tests/test_varlen.py > $logs/varlen.txt 2>&1 &
+[ -n "${GPU_SUBSET:-}" ] && $pt tests/test_gpu.py -k "lengths or gqa or masks or public" > $logs/gpu-subset.txt 2>&1 &
+$pt tests/test_gpu_flex.py -k "dtype1 and (sliding or document)" > $logs/flex-bands.txt 2>&1 &
+$pt tests/test_gpu_flex.py -k "64 and dtype0 and (alibi or softcap)" > $logs/flex-pair.txt 2>&1 &
 wait
 for f in $logs/*.txt; do echo "$(basename $f): $(tail -n 1 $f)"; done
 grep -hE "^FAILED|^ERROR|^E  " $logs/*.txt | cut -c1-300 | head -12
