@@ -106,7 +106,7 @@ def main():
         sig = (tuple([arr(elt)] * 4 + [arr(types.float32)] * 3 + [arr(elt)] * 2
                      + [arr(types.float32)] + [types.int64] * 33 + [types.float64]
                      + [arr(types.int32)] * 4 + [types.int64] * 3) + sig[-4:])
-        cfg = _mma_bwd.config(D, D, kind)
+        cfg = _mma_bwd.config(D, D, kind, mask)
     else:
         k = _mma.forward_kernel(kind, D, D, causal, mask, mods, jag)
         cfg = _mma.config(D, D, kind)

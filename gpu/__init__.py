@@ -538,15 +538,17 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     return out, lse
 
 
-def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=()):
+def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=(),
+                         tile_args=()):
     """The reasons of a tensor-core kernel module (``mod``: gpu/_mma.py or
     gpu/_mma_bwd.py, named ``label`` in the messages) not to serve a call: its own, then
-    ``extra``, then an explicit SIMT tiling and a BLOCK_SIZE off its tiles."""
+    ``extra``, then an explicit SIMT tiling and a BLOCK_SIZE off its tiles (``mod.tile``
+    with ``tile_args`` after D, Dv, kind)."""
     r = mod.reasons(_KIND[dtype], D, Dv) + list(extra)
     if tiling is not None:
         r.append("an explicit SIMT tiling was asked for")
     if block_size is not None:
-        BM, BN = mod.tile(D, Dv, _KIND[dtype])
+        BM, BN = mod.tile(D, Dv, _KIND[dtype], *tile_args)
         if block_size[0] % BM or block_size[1] % BN:
             r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
                      f"tensor-core {label}'s {BM}x{BN} tiles")
@@ -620,8 +622,21 @@ def mma_bwd_reasons(dtype, D, Dv, tiling=None, block_size=None, atomic=True) -> 
                      "attn.gpu.TF32X3_BACKWARD is False)")
     if not atomic:
         extra.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
+    # A BLOCK_SIZE the larger tiles do not divide takes the small ones (_bwd_small).
     return _tensor_core_reasons(_mma_bwd, "backward", dtype, D, Dv, tiling, block_size,
-                                extra)
+                                extra, (True,))
+
+
+def _bwd_small(kind, D, Dv, masked, block_size) -> bool:
+    """Whether the tensor-core backward takes its small tiles (gpu/_mma_bwd.py config):
+    with an attn_mask, or a block mask whose BLOCK_SIZE the larger tiles do not
+    divide."""
+    if masked:
+        return True
+    if block_size is None:
+        return False
+    BM, BN = _mma_bwd.tile(D, Dv, kind)
+    return bool(block_size[0] % BM or block_size[1] % BN)
 
 
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
@@ -716,15 +731,17 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
 
     t = ts["dkdv"]
     BN, BM = t.rows, t.cols  # rows of this kernel's tiles are keys
-    tc = not mma_bwd_reasons(q.dtype, D, Dv, tiling,
-                             flex.block_mask.BLOCK_SIZE if sparse else None,
-                             dqa is not None)
+    bsz = flex.block_mask.BLOCK_SIZE if sparse else None
+    tc = not mma_bwd_reasons(q.dtype, D, Dv, tiling, bsz, dqa is not None)
+    small = tc and _bwd_small(kind, D, Dv, m is not None, bsz)
     if tc:
-        BM, BN = _mma_bwd.tile(D, Dv, kind)
+        BM, BN = _mma_bwd.tile(D, Dv, kind, small)
     band = band_of(flex) if tc and dqa is not None and JAGGED_BWD else None
     if band is not None and not jagged_reasons(q.dtype, D, Dv, flex, attn_mask, tiling):
         # Per sequence, as the forward (kernel JAG): kv tiles from each sequence's first
-        # key, column limits, no mod, no block lists.
+        # key, column limits, no mod, no block lists; so the large tiles whatever the
+        # BLOCK_SIZE (the kernel below is built with them).
+        BM, BN = _mma_bwd.tile(D, Dv, kind)
         items = jagged_bwd_items(band, BM, BN, q.device)
         if not _keys_covered(band, Lk):
             dk.zero_()
@@ -746,9 +763,11 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
         _, (qf_n, qf_i, qp_n, qp_i, ncols) = _dense_lists(Lq, Lk, BM, BN, causal,
                                                           m is not None, q.device)
     if tc:
-        kern = _mma_bwd.dkdv_kernel(kind, D, Dv, causal, m is not None, mods)
-        nth = _mma_bwd.threads(D, Dv, kind)
-        shmem = _mma_bwd.shared_bytes(D, Dv, m is not None or mods is not None, kind)
+        kern = _mma_bwd.dkdv_kernel(kind, D, Dv, causal, m is not None, mods, False,
+                                    small)
+        nth = _mma_bwd.threads(D, Dv, kind, small)
+        shmem = _mma_bwd.shared_bytes(D, Dv, m is not None or mods is not None, kind,
+                                      small)
     else:
         kern = _kernels.dkdv_kernel(kind, D, Dv, t, causal, m is not None, mods,
                                     dqa is not None)

@@ -107,15 +107,20 @@ POS_INF = np.float32(np.inf)
 # 64-query blocks spills (the dK/dV accumulators alone are 128 registers beside 64 of
 # S^T/dP^T); 32-query blocks take 251 registers, no spill. Measured on the H200 (G19):
 # D = 128 with 8 warps (128 keys) x 64 queries ran the dense backward at 185 TFLOP/s
-# against 157 here, but its causal, attn_mask and jagged variants spill (48-80 byte
-# stack), so it waits for per-variant tiles; D = 64 with 8 warps 155 against 152
-# (kept at 4). The simulator runs every
+# against 157 with 4 warps x 32 queries (G19); its causal and jagged variants spilled
+# (48-80 byte stack) until their partial blocks took bit sets (BITS, G20): now only the
+# attn_mask variant spills there (56 bytes), so it keeps 4 x 32 (_SMALL_TILES, also
+# for block masks with a BLOCK_SIZE of 64 queries). D = 64
+# with 8 warps 155 against 152 (kept at 4). The simulator runs every
 # thread as a Python thread: 2 warps (32 keys) and 16-query blocks give several kv and
 # q blocks at L = 33.
-# Tuning knob for the device scripts: ATTN_GPU_MMA_BWD_CONFIG="64:4,64,1;128:4,64,0".
+# Tuning knobs for the device scripts: ATTN_GPU_MMA_BWD_CONFIG="64:4,64,1;128:4,64,0",
+# ATTN_GPU_MMA_BWD_SMALL_CONFIG (the small tiles: attn_mask, BLOCK_SIZE), same format.
 Config = namedtuple("Config", "NW BM KREG")
-_TILES = Tiles(Config, {64: Config(4, 64, False), 128: Config(4, 32, False)},
+_TILES = Tiles(Config, {64: Config(4, 64, False), 128: Config(8, 64, False)},
                Config(2, 16, True), "ATTN_GPU_MMA_BWD_CONFIG")
+_SMALL_TILES = Tiles(Config, {64: Config(4, 64, False), 128: Config(4, 32, False)},
+                    Config(2, 16, True), "ATTN_GPU_MMA_BWD_SMALL_CONFIG")
 # float32 (3xTF32, module docstring): float32 tiles take twice the shared memory of
 # 16-bit ones, so the q blocks are halved: D <= 64 32 queries (77 KiB: two CTAs per
 # SM), D = 128 16 queries (104 KiB: two CTAs per SM; 32 queries would take 141 KiB, one
@@ -136,18 +141,23 @@ _TF32_TILES = Tiles(Config, {64: Config(4, 32, False), 128: Config(4, 16, False)
 FLUSH_QUERIES = int(os.environ.get("ATTN_GPU_TF32_BWD_FLUSH", "128") or 0)
 
 
-def config(D: int, Dv: int, kind: str = "bf16"):
-    return (_TF32_TILES if kind == "f32" else _TILES).config(D, Dv)
+def config(D: int, Dv: int, kind: str = "bf16", small: bool = False):
+    """The tiles of a kernel variant, per head dims and dtype kind; ``small``: the
+    16-bit kinds' smaller tiles (_SMALL_TILES), for the attn_mask variant (its larger
+    tiles spill) and for block masks whose BLOCK_SIZE the larger tiles do not divide."""
+    if kind == "f32":
+        return _TF32_TILES.config(D, Dv)
+    return (_SMALL_TILES if small else _TILES).config(D, Dv)
 
 
-def threads(D: int, Dv: int, kind: str = "bf16") -> int:
-    return 32 * config(D, Dv, kind).NW
+def threads(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> int:
+    return 32 * config(D, Dv, kind, small).NW
 
 
-def tile(D: int, Dv: int, kind: str = "bf16") -> tuple[int, int]:
+def tile(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> tuple[int, int]:
     """(queries per q block, keys per kv block) of the kernel for head dims D, Dv: the
     tile of its transposed block lists."""
-    c = config(D, Dv, kind)
+    c = config(D, Dv, kind, small)
     return c.BM, 16 * c.NW
 
 
@@ -173,12 +183,12 @@ def _lds(BM: int, kind: str) -> int:
     return 32 * -(-BM // 32) if kind == "f32" else BM + 8
 
 
-def _layout(D: int, Dv: int, kind: str = "bf16"):
+def _layout(D: int, Dv: int, kind: str = "bf16", small: bool = False):
     """Offsets of the shared tiles in elements (K, V, two Q and two dO buffers, dS^T:
     2-byte elements, rows padded by 8 so ldmatrix rows hit distinct banks; float32
     elements, rows padded by 4) and in float32 words (two lse and two delta buffers,
     the mods' scratch)."""
-    NW, BM, _ = config(D, Dv, kind)
+    NW, BM, _ = config(D, Dv, kind, small)
     BN = 16 * NW
     TF32 = kind == "f32"
     PAD = 4 if TF32 else 8
@@ -196,11 +206,12 @@ def _layout(D: int, Dv: int, kind: str = "bf16"):
     return lay
 
 
-def shared_bytes(D: int, Dv: int, mods: bool = False, kind: str = "bf16") -> int:
+def shared_bytes(D: int, Dv: int, mods: bool = False, kind: str = "bf16",
+                 small: bool = False) -> int:
     """Dynamic shared memory of a CTA (plus the float32 copies of S^T and dP^T per lane
     for calls with mods or attn_mask)."""
-    NW, BM, _ = config(D, Dv, kind)
-    n = 4 * _layout(D, Dv, kind)["mf"]
+    NW, BM, _ = config(D, Dv, kind, small)
+    n = 4 * _layout(D, Dv, kind, small)["mf"]
     return n + (4 * 2 * (BM // 2) * 32 * NW if mods else 0)
 
 
@@ -445,7 +456,7 @@ def _totals(N: int):
 
 @lru_cache(maxsize=None)
 def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
-                JAG: bool = False):
+                JAG: bool = False, SMALL: bool = False):
     """The tensor-core dK/dV(+dQ atomics) kernel for one specialisation; same arguments
     as _kernels.dkdv_kernel's kernels.
 
@@ -457,7 +468,9 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
     Rows past the query end get lse +inf (P = 0), keys past the key end a -inf bias,
     and dK/dV rows are stored only below the key end (the next sequence's tile is
     another CTA's); only tiles cut by the limits test them per element. Needs dQ by
-    atomics; no causal flag, attn_mask or mods."""
+    atomics; no causal flag, attn_mask or mods.
+
+    ``SMALL``: the small tiles (config); an attn_mask (MASK) takes them anyway."""
     if reasons(kind, D, Dv):
         raise ValueError("; ".join(reasons(kind, D, Dv)))
     if JAG and (CAUSAL or MASK or mods is not None):
@@ -474,7 +487,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
     TF32 = kind == "f32"  # 3xTF32 products (module docstring)
     ELT = float32 if TF32 else types.float16 if kind == "f16" else types.int16
 
-    NW, BM, KREG = config(D, Dv, kind)
+    NW, BM, KREG = config(D, Dv, kind, MASK or SMALL)
     if TF32 and KREG:
         raise ValueError("the 3xTF32 backward re-reads K/V fragments (KREG = 0)")
     # 3xTF32: flush the dK/dV accumulators into their float32 totals every FLUSH q
@@ -498,8 +511,8 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
     # dQ: warp w takes the 16 queries mq = w % KQ of the q block (its dS fragments
     # are loaded once) and the 16-dim tiles jp = w // KQ + JPW * i.
     if NW % KQ and not TF32:
-        raise ValueError(f"{config(D, Dv)}: the warps must be a multiple of the q "
-                         f"block's {KQ} 16-query tiles")
+        raise ValueError(f"{config(D, Dv, kind, MASK or SMALL)}: the warps must be a "
+                         f"multiple of the q block's {KQ} 16-query tiles")
     JPW = max(NW // KQ, 1)       # warps per 16-query tile
     NJP = D // 16                # 16-dim tiles of dQ
     QIT = -(-NJP // JPW)         # ... per warp
@@ -509,7 +522,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
     # u = mq + KQ * J, spread over the warps (u = w + NW * i); 8-key k-steps.
     NU = KQ * (D // 32)
     UIT = -(-NU // NW)
-    lay = _layout(D, Dv, kind)
+    lay = _layout(D, Dv, kind, MASK or SMALL)
     OK, OV, OQ0, QSZ, OO0, OSZ, OS = (lay[n] for n in ("k", "v", "q", "qsz", "o", "osz",
                                                         "s"))
     OL0, OD0, OMF = lay["l"], lay["d"], lay["mf"]
@@ -524,7 +537,22 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
     NCB = NS // 2
     MASKREG = MASK_REGS and MASKMOD and not SCORE and not MASK and NCB <= 32
 
+    # causal or jagged (no mask_mod, score_mod or attn_mask) partial blocks through bit
+    # sets of the band qm + dl <= kn < qm + dg (BITS; causal: dg = 1, no lower edge): the
+    # per-element comparisons in the unrolled P^T/dS^T loop kept more values live and
+    # spilled at D = 128 with 64-query blocks (bench/NOTES.md G20).
+    BITS = MASK_REGS and (CAUSAL or JAG) and not MASKS and not SCORE and NCB <= 32
     key_bits = mask_bits(mask_fn, CAUSAL, NCB, False)
+
+    @cuda.jit(device=True, inline=True)
+    def band_bits(kn, c0, dg, dl):
+        # The jagged limits of key kn against the lane's query columns c0 + 8*(j >> 1)
+        # + (j & 1): visible where qm + dl <= kn < qm + dg.
+        bits = 0
+        for j in range(NCB):
+            qm = c0 + 8 * (j >> 1) + (j & 1)
+            bits |= int32((kn < qm + dg) & (kn >= qm + dl)) << j
+        return int32(bits)
     load_k = _loader(BN, D, LDK, NTH, kind, o_.cp16)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
     load_q = _loader(BM, D, LDK, NTH, kind, o_.cp16)
@@ -616,7 +644,9 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
             n0 = kb * BN
             klim = Lk
             qlim = Lq
-            mj = nqt = dg = dl = 0
+            mj = nqt = 0
+            dg = 1                # causal (BITS): keys kn <= qm
+            dl = -(1 << 30)
 
         sm = cuda.shared.array(0, ELT)
         smf = cuda.shared.array(0, float32)  # the same dynamic shared memory
@@ -708,9 +738,15 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
 
             # P^T and dS^T. Register idx of S^T belongs to key row kr0 + 8*((idx >> 1)
             # & 1) and query column 8*(idx >> 2) + 2t + (idx & 1) of the block.
-            if MASKREG and partial:
-                kbits[0] = key_bits(b, h, kr0, m0 + 2 * t, Lq, Lk, x0, x1, x2, x3)
-                kbits[1] = key_bits(b, h, kr0 + 8, m0 + 2 * t, Lq, Lk, x0, x1, x2, x3)
+            if (MASKREG or BITS) and partial:
+                if BITS:
+                    # Causal is the band dg = 1 with no lower edge (dl set so).
+                    kbits[0] = band_bits(kr0, m0 + 2 * t, dg, dl)
+                    kbits[1] = band_bits(kr0 + 8, m0 + 2 * t, dg, dl)
+                else:
+                    kbits[0] = key_bits(b, h, kr0, m0 + 2 * t, Lq, Lk, x0, x1, x2, x3)
+                    kbits[1] = key_bits(b, h, kr0 + 8, m0 + 2 * t, Lq, Lk, x0, x1, x2,
+                                        x3)
                 for idx in range(NS):
                     col = 8 * (idx >> 2) + 2 * t + (idx & 1)
                     hi = (idx >> 1) & 1

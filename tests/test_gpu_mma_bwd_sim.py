@@ -166,3 +166,68 @@ _SCRIPT = FLEX + textwrap.dedent(
 def test_mma_backward_in_cuda_simulator():
     # The defaults under test: the tensor-core backward on, dQ by atomics.
     run_script(_SCRIPT, timeout=900, unset=("ATTN_GPU_MMA_BWD", "ATTN_GPU_BWD"))
+
+
+# The small tiles (gpu/_mma_bwd.py _SMALL_TILES) in a simulator of their own: 1 warp (16
+# keys) x 16 queries against the default simulator tiles' 2 warps (32 keys) x 16. A block
+# mask with BLOCK_SIZE 16, which the default tiles do not divide, takes them over its
+# block lists (a document mask_mod); a library band mod at that BLOCK_SIZE takes the
+# per-sequence kernel at the default tiles (it reads no block lists: the H200 caught a
+# band run at the small tiles' item table with the default tiles' kernel); an attn_mask
+# takes the small tiles whatever the BLOCK_SIZE.
+_SMALL_SCRIPT = FLEX + textwrap.dedent(
+    r"""
+    sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+    from _util import assert_close_to_oracle
+    from attn.gpu import _mma_bwd
+    from attn.reference import attention, flex_attention as ref_flex
+    dt = torch.float16
+    assert _mma_bwd.tile(16, 16, "f16") == (16, 32), _mma_bwd.tile(16, 16, "f16")
+    assert _mma_bwd.tile(16, 16, "f16", True) == (16, 16)
+    built = []
+    make = _mma_bwd.dkdv_kernel
+    _mma_bwd.dkdv_kernel = lambda *a: built.append(a) or make(*a)
+
+    def grads_of(fn, ins, go):
+        ins = [t.detach().requires_grad_() for t in ins]
+        return torch.autograd.grad(fn(*ins)[0], ins, go)
+
+    def check(name, grads, fn, ins, go):
+        ref = grads_of(fn, [t.double() for t in ins], go.double())
+        tor = grads_of(fn, ins, go)
+        for n, a, r, t in zip(("dq", "dk", "dv"), grads, ref, tor):
+            assert_close_to_oracle(a, t, r, dt, f"{name} {n}",
+                                   term_scale=go.abs().max().item())
+
+    g, q, k, v = mma_flex_inputs(41)
+    go = torch.randn(1, 2, MMA_FLEX_L, 16, generator=g).to(dt)
+    doc = mods.document_mask(torch.tensor([0, 10, 11, 40, 45]), length=MMA_FLEX_L)
+    for mask_mod, small, jag in ((doc, True, False), (mods.causal_mask, False, True)):
+        bm, spec = flex_spec(mask_mod, None, 1, 2, MMA_FLEX_L, 16)
+        assert (getattr(bm, "_attn_jagged", None) is not None) == jag, mask_mod
+        out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
+        n = len(built)
+        grads = gpu.backward(q, k, v, out, lse, go, None, None, False, None, flex=spec)
+        assert len(built) == n + 1, built
+        a = built[-1]
+        assert bool(a[6] if len(a) > 6 else False) == jag, a
+        assert bool(a[7] if len(a) > 7 else False) == small, a
+        check(mask_mod.__name__, grads,
+              lambda x, y, z: ref_flex(x, y, z, None, bm, None, True), [q, k, v], go)
+
+    mask = make_mask("bool", 1, 33, 33, dt, g)
+    q, k, v = (torch.randn(1, 1, 33, 16, generator=g).to(dt) for _ in range(3))
+    go = torch.randn(1, 1, 33, 16, generator=g).to(dt)
+    out, lse = gpu.forward(q, k, v, mask, False)
+    grads = gpu.backward(q, k, v, out, lse, go, None, mask, False)
+    assert built[-1][4], built[-1]  # the attn_mask variant (small tiles by MASK)
+    check("bool mask", grads, lambda x, y, z: attention(x, y, z, mask, False, None),
+          [q, k, v], go)
+    print("OK small tiles")
+    """
+)
+
+
+def test_mma_backward_small_tiles_in_cuda_simulator():
+    run_script(_SMALL_SCRIPT, timeout=900, unset=("ATTN_GPU_MMA_BWD", "ATTN_GPU_BWD"),
+               env={"ATTN_GPU_MMA_BWD_SMALL_CONFIG": "sim:1,16,0"})
