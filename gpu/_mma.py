@@ -395,6 +395,33 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     load_k = _loader(BN, D, LDQ, NTH, kind, o_.cp16)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
 
+    @cuda.jit(device=True, inline=True)
+    def epilogue(o, lse, acc, l_r, m_r, r, rw, qlim, b, h, bh, t, Lq, os_b, os_h, os_l,
+                 os_d):
+        # Row slot r (rows rw + 8r): O / l out (0 for a row that saw no key), and lse.
+        row = rw + 8 * r
+        if row < qlim:
+            lsum = l_r[r]
+            inv = ZERO
+            if lsum > ZERO:
+                inv = ONE / lsum
+            obase = b * os_b + h * os_h + row * os_l
+            c = (r >> 1) * NO + 2 * (r & 1)
+            for j in range(NTO):
+                for e in range(2):
+                    # register (n-tile j, column 2t+e) -> head dim; 3xTF32: n-tile q =
+                    # j % 4 of group j // 4 holds dims 32(j // 4) + 4n + q.
+                    if TF32:
+                        col = 32 * (j >> 2) + 8 * t + 4 * e + (j & 3)
+                    else:
+                        col = 8 * j + 2 * t + e
+                    st(o, obase + col * os_d, acc[c + 4 * j + e] * inv)
+            if t == 0:
+                lv = NEG_INF
+                if lsum > ZERO:
+                    lv = (m_r[r] + math.log2(lsum)) * LN2
+                lse[bh * Lq + row] = lv
+
     @cuda.jit(**_JIT)
     def fwd(q, k, v, o, lse, mask,
             qs_b, qs_h, qs_l, qs_d, ks_b, ks_h, ks_l, ks_d,
@@ -674,8 +701,16 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                 p = exp2(s[idx] - x_r[r])
                 l_r[r] += p
                 s[idx] = p
-            for idx in range(MNO):
-                acc[idx] *= y_r[2 * (idx // NO) + ((idx >> 1) & 1)]
+            if MNO <= 64:
+                for idx in range(MNO):
+                    acc[idx] *= y_r[2 * (idx // NO) + ((idx >> 1) & 1)]
+            else:
+                # One loop per m16 tile (MT = 2): one loop over MNO = 128 registers (two
+                # tiles at D = 128) was left rolled, and O went to local memory.
+                for idx in range(NO):
+                    acc[idx] *= y_r[(idx >> 1) & 1]
+                for idx in range(NO):
+                    acc[NO + idx] *= y_r[2 + ((idx >> 1) & 1)]
 
             if TF32:
                 # 3xTF32 O += P V over 8-key steps (keys and dims permuted, see the module
@@ -745,28 +780,22 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
 
         for r in range(MR):
             l_r[r] = quad_sum(scr, l_r[r])
-        for r in range(MR):
-            row = rw + 16 * (r >> 1) + 8 * (r & 1)
-            if row < qlim:
-                lsum = l_r[r]
-                inv = ZERO
-                if lsum > ZERO:
-                    inv = ONE / lsum
-                obase = b * os_b + h * os_h + row * os_l
-                c = (r >> 1) * NO + 2 * (r & 1)
-                for j in range(NTO):
-                    for e in range(2):
-                        # register (n-tile j, column 2t+e) -> head dim; 3xTF32: n-tile
-                        # q = j % 4 of group j // 4 holds dims 32(j // 4) + 4n + q.
-                        if TF32:
-                            col = 32 * (j >> 2) + 8 * t + 4 * e + (j & 3)
-                        else:
-                            col = 8 * j + 2 * t + e
-                        st(o, obase + col * os_d, acc[c + 4 * j + e] * inv)
-                if t == 0:
-                    lv = NEG_INF
-                    if lsum > ZERO:
-                        lv = (m_r[r] + math.log2(lsum)) * LN2
-                    lse[bh * Lq + row] = lv
+        if MNO <= 64:
+            for r in range(MR):
+                epilogue(o, lse, acc, l_r, m_r, r, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
+                         os_l, os_d)
+        else:
+            # Two m16 tiles at D = 128: the row slots written out (constant r, so the
+            # slot's O registers at constant indices; the loop over four slots stayed
+            # rolled and O went to local memory). At MNO <= 64 the loop unrolls, and
+            # written out the D = 64 kernel spilled 8 bytes.
+            epilogue(o, lse, acc, l_r, m_r, 0, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
+                     os_l, os_d)
+            epilogue(o, lse, acc, l_r, m_r, 1, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
+                     os_l, os_d)
+            epilogue(o, lse, acc, l_r, m_r, 2, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
+                     os_l, os_d)
+            epilogue(o, lse, acc, l_r, m_r, 3, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
+                     os_l, os_d)
 
     return fwd
