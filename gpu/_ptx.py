@@ -69,6 +69,20 @@ def SCRATCH_WORDS(nwarps: int) -> int:
 
 
 if SIM:
+    from numba.cuda.simulator.kernel import _get_kernel_context
+
+    class _Launch:
+        """The running launch's fake cuda module, for the stand-ins' bodies. The
+        simulator swaps this module's ``cuda`` for its fake module around each
+        device-function call and swaps it back when that call returns, so a thread still
+        inside another call can then see the real module (no threadIdx, syncthreads or
+        atomic there); the launch's context is set for the whole launch, and its
+        threadIdx answers per thread."""
+
+        def __getattr__(self, name):
+            return getattr(_get_kernel_context(), name)
+
+    _k = _Launch()
     # ------------------------------------------------------------ simulator stand-ins --
     import struct as _struct
     import threading as _threading
@@ -119,9 +133,10 @@ if SIM:
 
     @cuda.jit(device=True)
     def red_add2(a, idx, x, y):
-        # The two float32 reductions of red.global.add.v2.f32, one after the other.
-        cuda.atomic.add(a, idx, x)
-        cuda.atomic.add(a, idx + 1, y)
+        # The two float32 reductions of red.global.add.v2.f32, one after the other
+        # (through _k: CI hit the real module here, with 1-warp tiles).
+        _k.atomic.add(a, idx, x)
+        _k.atomic.add(a, idx + 1, y)
 
     def _bits(x):
         return int(np.array([x], dtype=np.float32).view(np.int32)[0])
@@ -139,7 +154,7 @@ if SIM:
         def frag_a(sm, off, LD):
             # A 16x8 float32 tile at off (row-major): a0..a3 = A[g, t], A[g+8, t],
             # A[g, t+4], A[g+8, t+4].
-            lane = cuda.threadIdx.x & 31
+            lane = _k.threadIdx.x & 31
             g, t = lane >> 2, lane & 3
             r0 = off + g * LD + t
             r1 = r0 + 8 * LD
@@ -149,7 +164,7 @@ if SIM:
         def frag_b2(sm, off, LD):
             # B[k, n] = T[n, k], T row-major at off (n: 16 rows, k: 8 columns): the
             # (b0, b1) of n-tiles n0..n0+7 and n0+8..15.
-            lane = cuda.threadIdx.x & 31
+            lane = _k.threadIdx.x & 31
             g, t = lane >> 2, lane & 3
             p0 = off + g * LD + t
             p1 = p0 + 8 * LD
@@ -176,7 +191,7 @@ if SIM:
             # one barrier per call is enough: a lane can write this buffer again two
             # calls later only after every lane has passed the next call's barrier,
             # i.e. has finished reading it here.
-            tid = cuda.threadIdx.x
+            tid = _k.threadIdx.x
             lane = tid & 31
             g, t = lane >> 2, lane & 3
             th = _threading.current_thread()
@@ -193,7 +208,7 @@ if SIM:
             for rb, rs, k in zip((bb0, bb1), (bs0, bs1), (t, t + 4)):
                 scr[B + k * 8 + g] = _tf32(rb)
                 scr[BS + k * 8 + g] = _tf32(rs)
-            cuda.syncthreads()
+            _k.syncthreads()
             rows = (g, g, g + 8, g + 8)
             cols = (2 * t, 2 * t + 1, 2 * t, 2 * t + 1)
             ab = scr[A:A + 128].astype(np.float64).reshape(16, 8)[rows, :]
@@ -228,7 +243,7 @@ if SIM:
 
         @cuda.jit(device=True)
         def frag_a(sm, off, LD):
-            lane = cuda.threadIdx.x & 31
+            lane = _k.threadIdx.x & 31
             g, t = lane >> 2, lane & 3
             r0 = off + g * LD + 2 * t
             r1 = r0 + 8 * LD
@@ -238,7 +253,7 @@ if SIM:
         @cuda.jit(device=True)
         def frag_b2(sm, off, LD):
             # B[k, n] = T[n, k] with T row-major at off: n-tiles n0..n0+7 and n0+8..15.
-            lane = cuda.threadIdx.x & 31
+            lane = _k.threadIdx.x & 31
             g, t = lane >> 2, lane & 3
             p0 = off + g * LD + 2 * t
             p1 = p0 + 8 * LD
@@ -248,7 +263,7 @@ if SIM:
         @cuda.jit(device=True)
         def frag_bt2(sm, off, LD):
             # B[k, n] = T[k, n] with T row-major at off (k: 16 rows, n: 16 columns).
-            lane = cuda.threadIdx.x & 31
+            lane = _k.threadIdx.x & 31
             g, t = lane >> 2, lane & 3
             p = off + 2 * t * LD + g
             return (_pk(sm, p, p + LD), _pk(sm, p + 8 * LD, p + 9 * LD),
@@ -256,7 +271,7 @@ if SIM:
 
         @cuda.jit(device=True)
         def mma(scr, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-            tid = cuda.threadIdx.x
+            tid = _k.threadIdx.x
             lane = tid & 31
             g, t = lane >> 2, lane & 3
             A = (tid >> 5) * _WARP_WORDS
@@ -271,7 +286,7 @@ if SIM:
                 lo, hi = unpack(reg)
                 scr[B + k * 8 + g] = lo
                 scr[B + (k + 1) * 8 + g] = hi
-            cuda.syncthreads()
+            _k.syncthreads()
             d = [c0, c1, c2, c3]
             for e in range(4):
                 r = g + 8 * (e >> 1)
@@ -280,19 +295,19 @@ if SIM:
                 for k in range(16):
                     s += float(scr[A + r * 16 + k]) * float(scr[B + k * 8 + n])
                 d[e] = np.float32(d[e] + s)
-            cuda.syncthreads()
+            _k.syncthreads()
             return d[0], d[1], d[2], d[3]
 
         @cuda.jit(device=True)
         def _quad(scr, x, is_max):
-            tid = cuda.threadIdx.x
+            tid = _k.threadIdx.x
             Q = (tid >> 5) * _WARP_WORDS + 2 * _MMA_WORDS
             lane = tid & 31
             scr[Q + lane] = x
-            cuda.syncthreads()
+            _k.syncthreads()
             q0 = Q + (lane & ~3)
             vals = [scr[q0 + i] for i in range(4)]
-            cuda.syncthreads()
+            _k.syncthreads()
             return np.float32(max(vals) if is_max else sum(vals))
 
         @cuda.jit(device=True)
