@@ -104,14 +104,14 @@ POS_INF = np.float32(np.inf)
 # ptxas (sm_90, bench/NOTES.md G8): D = 64 with K/V fragments in registers needs all
 # 255 registers and spills 16 bytes in some variants; re-read from shared memory per
 # q block (8 ldmatrix per 128 mma) it takes 173-188 registers, no spill. D = 128 with
-# 64-query blocks spills (the dK/dV accumulators alone are 128 registers beside 64 of
+# 4 warps x 64-query blocks spills (the dK/dV accumulators alone are 128 registers beside 64 of
 # S^T/dP^T); 32-query blocks take 251 registers, no spill. Measured on the H200 (G19):
 # D = 128 with 8 warps (128 keys) x 64 queries ran the dense backward at 185 TFLOP/s
 # against 157 with 4 warps x 32 queries (G19); its causal and jagged variants spilled
 # (48-80 byte stack) until their partial blocks took bit sets (BITS, G20): now only the
 # attn_mask variant spills there (56 bytes), so it keeps 4 x 32 (_SMALL_TILES, also
-# for block masks with a BLOCK_SIZE of 64 queries). D = 64
-# with 8 warps 155 against 152 (kept at 4). The simulator runs every
+# for block masks with a BLOCK_SIZE of 64 queries). D = 64 with 8 warps 155 against
+# 152 (kept at 4). The simulator runs every
 # thread as a Python thread: 2 warps (32 keys) and 16-query blocks give several kv and
 # q blocks at L = 33.
 # Tuning knobs for the device scripts: ATTN_GPU_MMA_BWD_CONFIG="64:4,64,1;128:4,64,0",
@@ -796,6 +796,7 @@ def dkdv_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
                     s[idx] = smf[OMF + idx * NTH + tid]
                     dp[idx] = smf[OMF + (NS + idx) * NTH + tid]
             elif CAUSAL and partial:
+                # (BITS off: ATTN_GPU_MASK_REGS=0) per-element tests; so the jagged one
                 for idx in range(NS):
                     col = 8 * (idx >> 2) + 2 * t + (idx & 1)
                     hi = (idx >> 1) & 1
