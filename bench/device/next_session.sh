@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# First device call of the next session (written 2026-12-03, session 19). What session
-# 19 did not run on a GPU after G19 (dQ by red.global.add.v2.f32): the whole test_gpu.py
-# matrix and test_gpu_flex.py (both dtypes, every case), in four shards, then the
-# backward speed (bwd_variants.py) for the record. Next work after it: per-variant
-# backward tiles (D 128: 8 warps x 64 queries for the dense and mask_mod variants,
-# bench/NOTES.md G19).
+# First device call of the next session (written 2026-12-03, session 20). What session
+# 20 could not run on a GPU after G20's fix (the jagged backward on the large tiles
+# whatever the BLOCK_SIZE): the BLOCK_SIZE 64 flex cases first, then every GPU test file
+# in pytest-xdist workers (carry the pytest_xdist and execnet wheels in .whl beside
+# numpy's: 12 workers ran 110 tests in 230 s), verbose so the log names each test.
+# Then mma_bwd_check.py alone on the GPU (24 gradient cases and the bf16 timing).
+# Next work after it: NOTES G20/G21 (forward at D 128: two m16 tiles x 32 keys ran +7-10%
+# but spills 40 bytes; free registers first), max_scores in the GPU forward (issue 4).
 # Usage (repository root, GPU machine): bash bench/device/next_session.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 out=${OUT:-/tmp/next}; logs=/tmp/next-logs; mkdir -p $out $logs
 t0=$(date +%s)
-pt="timeout ${LIMIT:-360} python3 -m pytest -m gpu -q -p no:cacheprovider -rf --tb=short"
-$pt tests/test_gpu.py -k "float32" > $logs/gpu-f32.txt 2>&1 &
-$pt tests/test_gpu.py -k "not float32" > $logs/gpu-16.txt 2>&1 &
-$pt tests/test_gpu_flex.py -k "dtype0" > $logs/flex-f32.txt 2>&1 &
-$pt tests/test_gpu_flex.py -k "dtype1" tests/test_torch_flash.py tests/test_profile.py \
-  > $logs/flex-bf16.txt 2>&1 &
-wait
-for f in $logs/*.txt; do echo "$(basename $f): $(tail -n 1 $f)"; done
-grep -hE "^FAILED|^ERROR" $logs/*.txt | cut -c1-300 | head -12
-NUMBA_CACHE_DIR=/tmp/nc-now timeout 120 python3 bench/device/bwd_variants.py now \
-  > $logs/bwd.txt 2>&1
-grep "^ROW" $logs/bwd.txt | cut -c1-400
+pt="python3 -m pytest -m gpu -p no:cacheprovider -rfE --tb=short"
+timeout 150 $pt -q -n 4 tests/test_gpu_flex.py -k block64 > $logs/block64.txt 2>&1
+tail -n 3 $logs/block64.txt
+timeout ${LIMIT:-330} $pt -v -n ${WORKERS:-12} --dist load tests/test_gpu.py \
+  tests/test_gpu_flex.py tests/test_varlen.py tests/test_torch_flash.py \
+  tests/test_profile.py > $logs/tests.txt 2>&1
+grep -cE " PASSED" $logs/tests.txt | sed 's/^/passed: /'
+grep -hE "FAILED|ERROR" $logs/tests.txt | cut -c1-300 | head -20
+echo "tests done at $(( $(date +%s) - t0 )) s"
+OUT=$out timeout 200 python3 bench/device/mma_bwd_check.py > $logs/mma_bwd.txt 2>&1
+sed -n '/== correctness/,$p' $logs/mma_bwd.txt | grep -vE "^ok " | cut -c1-300
 tar czf $out/next.tgz -C /tmp next-logs
 echo "total $(( $(date +%s) - t0 )) s"
