@@ -57,9 +57,12 @@ class GpuBackend(Backend):
 
             reasons += kernel_spec_reasons(problem)
             if not reasons:
-                if problem.max_scores:
-                    reasons.append("max_scores (AuxRequest) not computed by the GPU kernels")
                 spec = kernel_spec(problem, None)
+                if problem.max_scores:
+                    bm = spec.block_mask
+                    reasons += gpu.max_scores_reasons(
+                        problem.query.dtype, problem.D, problem.Dv, None,
+                        None if bm is None else bm.BLOCK_SIZE)
                 reasons += gpu.flex_reasons(spec.block_mask, spec.mask_mod, spec.score_mod,
                                             gpu.tilings(problem.D, problem.Dv))
         return reasons

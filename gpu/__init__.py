@@ -331,7 +331,9 @@ def _dense_key(q, k, v, is_causal, scale, *more):
 
 
 def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, flex=None):
-    """out (dtype of q) and lse (float32, natural log, (B, Hq, Lq)).
+    """out (dtype of q) and lse (float32, natural log, (B, Hq, Lq)); and max_scores
+    (float32, (B, Hq, Lq)) third when ``flex.max_scores`` asks for them (the tensor-core
+    forward only: max_scores_reasons).
 
     ``flex`` (attn's FlexAttention path): an object with ``block_mask`` (attn BlockMask
     or None = dense), ``mask_mod`` and ``score_mod`` (attn._modgen CompiledMods or
@@ -340,6 +342,9 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, f
     A dense call (no mask, no flex) repeated with the same shapes, strides, dtypes,
     device, causality and scale costs two allocations and one bound cuLaunchKernel
     (``_Repeats``)."""
+    if flex is not None and flex.max_scores:
+        # (out, lse, max_scores): the two-plane lse of _forward, not the bound path
+        return _forward(q, k, v, attn_mask, is_causal, scale, tiling, flex)
     band = None
     if flex is not None and attn_mask is None and tiling is None and not SIM:
         band = band_of(flex)
@@ -484,14 +489,14 @@ def _keys_covered(band, Lk: int) -> bool:
     return hit
 
 
-def _jagged_forward(q, k, v, out, lse, band, scale):
+def _jagged_forward(q, k, v, out, lse, band, scale, maxs=False):
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     kind = _KIND[q.dtype]
     BM, BN = _mma.tile(D, Dv, kind)
     items = jagged_items(band, BM, BN, q.device)
     if items.shape[0] == 0:
-        return out, lse
+        return
     d = _dummy(q.device)
     marr, ms = _mask_args(None, q.device)
     args = (
@@ -501,10 +506,10 @@ def _jagged_forward(q, k, v, out, lse, band, scale):
         Hq, Hq // Hkv, Lq, Lk, scale,
         items, d, d, d, 0, 0, 0, d, d, d, d,
     )
-    launch(_mma.forward_kernel(kind, D, Dv, False, False, None, 2 if band.left >= 0 else 1),
+    launch(_mma.forward_kernel(kind, D, Dv, False, False, None,
+                               2 if band.left >= 0 else 1, maxs),
            (items.shape[0], B * Hq), _mma.threads(D, Dv, kind), args, q.device.index,
            _mma.shared_bytes(D, Dv, False, kind))
-    return out, lse
 
 
 def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, flex=None):
@@ -513,16 +518,22 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     out, lse = _outputs(q, v, flex is not None)
+    maxs = bool(flex is not None and flex.max_scores)
+    if maxs:
+        # lse and max_scores as the two planes of one buffer (gpu/_mma.py MAXS)
+        planes = torch.empty(2, B, Hq, Lq, dtype=torch.float32, device=q.device)
+        lse = planes
     if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
+        return (out, lse[0], lse[1]) if maxs else (out, lse)
     if flex is not None and not jagged_reasons(q.dtype, D, Dv, flex, attn_mask, tiling):
-        return _jagged_forward(q, k, v, out, lse, band_of(flex), scale)
+        _jagged_forward(q, k, v, out, lse, band_of(flex), scale, maxs)
+        return (out, lse[0], lse[1]) if maxs else (out, lse)
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
     mods, bufs = _flex_args(flex, q.device)
     bs = None if flex is None or flex.block_mask is None else flex.block_mask.BLOCK_SIZE
     kern, grid, threads, shmem, lists, rows, cols = _fwd_plan(
         q.dtype, D, Dv, B, Hq, Lq, Lk, bool(is_causal), m is not None, q.device, tiling,
-        mods, bs)
+        mods, bs, maxs)
     lb = lh = 0
     if bs is not None:
         lists, _, (lb, lh), _ = _flex_lists(flex, rows, cols, q.device)
@@ -535,7 +546,7 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
         *lists, lb, lh, *bufs,
     )
     launch(kern, grid, threads, args, q.device.index, shmem)
-    return out, lse
+    return (out, lse[0], lse[1]) if maxs else (out, lse)
 
 
 def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=(),
@@ -574,7 +585,7 @@ def mma_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
 
 @lru_cache(maxsize=1024)
 def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=None,
-              block_size=None):
+              block_size=None, maxs=False):
     """Everything about a forward launch that depends only on the shapes: the compiled
     kernel, grid, block, shared memory, the kv-block lists (on the device) and the
     kernel's (rows, cols) tile. Cached, so a repeated call costs one dictionary lookup
@@ -583,10 +594,13 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
     if not mma_reasons(dtype, D, Dv, tiling, block_size):
         kind = _KIND[dtype]
         rows, cols = _mma.tile(D, Dv, kind)
-        kern = _mma.forward_kernel(kind, D, Dv, causal, masked, mods)
+        kern = _mma.forward_kernel(kind, D, Dv, causal, masked, mods, 0, maxs)
         threads = _mma.threads(D, Dv, kind)
         shmem = _mma.shared_bytes(D, Dv, masked or mods is not None, kind)
     else:
+        if maxs:
+            raise ValueError("max_scores: " + "; ".join(max_scores_reasons(
+                dtype, D, Dv, tiling, block_size)))
         t = tiling or tilings(D, Dv)["fwd"]
         rows, cols = t.rows, t.cols
         kern = _kernels.forward_kernel(_KIND[dtype], D, Dv, t, causal, masked, mods)
@@ -595,6 +609,23 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
         Lq, Lk, rows, cols, causal, masked, device)
     return (kern, (-(-Lq // rows), B * Hq), threads, shmem,
             (kvf_n, kvf_i, kvp_n, kvp_i, ncols), rows, cols)
+
+
+# FlexAttention's max_scores (AuxRequest(max_scores=True)) from the tensor-core forward
+# (gpu/_mma.py MAXS). Off by default until the GPU tests have run it on a GPU (written
+# in session 20 with the simulator only); ATTN_GPU_MAX_SCORES=1 turns it on, and the
+# backend choice then stops sending those calls elsewhere.
+MAX_SCORES = os.environ.get("ATTN_GPU_MAX_SCORES", "0").strip() == "1"
+
+
+def max_scores_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
+    """Why the GPU forward cannot return max_scores for this call (empty if it can)."""
+    if not MAX_SCORES:
+        return ["max_scores (AuxRequest) from the GPU kernels is off until checked on a "
+                "GPU (ATTN_GPU_MAX_SCORES=1 turns it on)"]
+    r = mma_reasons(dtype, D, Dv, tiling, block_size)
+    return [f"max_scores only from the tensor-core forward, which cannot run: {x}"
+            for x in r]
 
 
 # The tensor-core backward (gpu/_mma_bwd.py) for float16/bfloat16 when dQ may be

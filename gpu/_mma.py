@@ -316,7 +316,7 @@ def _score_regs(score_fn, MNS: int, NS: int):
 
 @lru_cache(maxsize=None)
 def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
-                   JAG: int = 0):
+                   JAG: int = 0, MAXS: bool = False):
     """The tensor-core forward for one specialisation; same arguments as
     _kernels.forward_kernel's kernels.
 
@@ -328,7 +328,13 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     edge), and (JAG 2) ``dl``: row r sees keys from r + dl on (its left-window edge). Q
     tiles start at the sequence's first query and kv tiles at its first key (or the tile
     of the first visible one), so no tile straddles two sequences and no mask_mod runs:
-    the only exclusions are column limits. The other list arguments are unused."""
+    the only exclusions are column limits. The other list arguments are unused.
+
+    ``MAXS``: FlexAttention's max_scores too (the row maximum of the scaled scores after
+    score_mod and the masks, -inf for a row that saw no key), in a second plane of the
+    lse argument: ``lse`` then holds 2 * gridDim.y * Lq values, max_scores from
+    gridDim.y * Lq on (no new kernel argument, so the other specialisations and their
+    bound launches are untouched)."""
     if reasons(kind, D, Dv):
         raise ValueError("; ".join(reasons(kind, D, Dv)))
     if JAG and (CAUSAL or MASK or mods is not None):
@@ -421,6 +427,12 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                 if lsum > ZERO:
                     lv = (m_r[r] + math.log2(lsum)) * LN2
                 lse[bh * Lq + row] = lv
+                if MAXS:
+                    # m_r is the running maximum in log2 units (scores * log2(e))
+                    mv = NEG_INF
+                    if lsum > ZERO:
+                        mv = m_r[r] * LN2
+                    lse[(cuda.gridDim.y + bh) * Lq + row] = mv
 
     @cuda.jit(**_JIT)
     def fwd(q, k, v, o, lse, mask,

@@ -98,3 +98,33 @@ def test_flex_gpu(name, dtype, D):
     for i, n in enumerate(("dq", "dk", "dv")):
         assert_close_to_oracle(ours[2][i], theirs[2][i], oracle[2][i], dtype, n,
                                term_scale=oracle[2][i].abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["causal", "document", "alibi_causal", "softcap"])
+def test_flex_gpu_max_scores(name, monkeypatch):
+    """AuxRequest(max_scores=True) served by the GPU backend (gpu/_mma.py MAXS, off by
+    default until this test has passed on a GPU: gpu.MAX_SCORES), bf16, D 64, against
+    the float64 oracle's max_scores; out and lse as without the request."""
+    monkeypatch.setattr(gpu, "MAX_SCORES", True)
+    B, Hq, Hkv, L, D, dtype = 2, 4, 2, 517, 64, torch.bfloat16
+    smf, mmf = CASES[name]
+    sm = smf(Hq, L) if smf else None
+    bm = attn.create_block_mask(mmf(L), B, Hq, L, L, device="cuda") if mmf else None
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", generator=g).to(dtype)
+               for H in (Hq, Hkv, Hkv))
+    with attn.use_backend("gpu"):
+        out, aux = attn.flex_attention(q, k, v, sm, bm, enable_gqa=True,
+                                       return_aux=attn.AuxRequest(lse=True,
+                                                                  max_scores=True))
+        out0, aux0 = attn.flex_attention(q, k, v, sm, bm, enable_gqa=True,
+                                         return_aux=attn.AuxRequest(lse=True))
+    _, _, rm = ref_flex(q.double(), k.double(), v.double(), sm, bm, None, True)
+    assert torch.equal(out, out0) and torch.equal(aux.lse, aux0.lse)
+    mx = aux.max_scores
+    fin = torch.isfinite(rm)
+    assert torch.equal(torch.isfinite(mx), fin)
+    # bf16 inputs, float32 scores: the oracle's scores differ by the inputs' rounding
+    # only (the same bf16 values in float64), so float32 accumulation error remains
+    err = (mx[fin].double() - rm[fin]).abs().max().item()
+    assert err <= 1e-3 * max(1.0, rm[fin].abs().max().item()), err

@@ -190,3 +190,56 @@ _JAGGED = FLEX + textwrap.dedent(
 
 def test_mma_forward_jagged_in_simulator():
     run_script(_JAGGED, timeout=900)
+
+
+# FlexAttention's max_scores from the tensor-core forward (gpu/_mma.py MAXS, the second
+# plane of the lse buffer), switched on for the test (gpu.MAX_SCORES; off by default until
+# a GPU run): the library cases (a causal mask with ALiBi, a padded document mask, a
+# soft-cap score_mod on every block), a block mask that leaves a query row no key
+# (max_scores -inf there), and a jagged band (the per-sequence kernel, rows that see no
+# key). Against attn.reference's max_scores; out and lse unchanged by the request.
+_MAX_SCORES = FLEX + textwrap.dedent(
+    r"""
+    from attn.reference import flex_attention as ref_flex
+    assert gpu.MAX_SCORES
+    dt = torch.float16
+    g, q, k, v = mma_flex_inputs(51)
+    # (name, mask_mod, score_mod, inputs): the library cases, and a mask under which
+    # rows 0..9 of head 0 see no key (a partial block, per element)
+    late = lambda b, h, q_idx, kv_idx: (q_idx >= 10) | (h > 0)
+    cases = [(f"case {i}", mm, sm, (q, k, v)) for i, (mm, sm) in enumerate(MMA_FLEX_MODS)]
+    cases.append(("no key for some rows", late, None, (q, k, v)))
+    specs = [flex_spec(mm, sm, 1, 2, MMA_FLEX_L, 32) for _, mm, sm, _ in cases]
+    # a jagged band: the per-sequence kernel (bottom-right causal, rows without keys)
+    cq = torch.tensor([0, 0, 1, 18, 51, 51, 84])
+    ck = torch.tensor([0, 3, 3, 37, 60, 61, 100])
+    bm = attn.document_block_mask(cq, ck, window_size=(-1, 0))
+    qj = torch.randn(1, 2, 84, 16, generator=g).to(dt)
+    kj, vj = (torch.randn(1, 1, 100, 16, generator=g).to(dt) for _ in range(2))
+    cases.append(("jagged", None, None, (qj, kj, vj)))
+    specs.append((bm, KernelSpec(None, bm, _modgen.trace_mask_mod(bm.mask_mod), None,
+                                 False, None)))
+    assert not gpu.jagged_reasons(dt, 16, 16, specs[-1][1])
+    empty = 0
+    for (name, _, sm, (a, b, c)), (bm, spec) in zip(cases, specs):
+        out0, lse0 = gpu.forward(a, b, c, None, False, None, flex=spec)
+        out, lse, mx = gpu.forward(a, b, c, None, False, None,
+                                   flex=spec._replace(max_scores=True))
+        assert torch.equal(out, out0) and torch.equal(lse, lse0), name
+        _, _, rm = ref_flex(a.double(), b.double(), c.double(), sm, bm, None, True)
+        assert mx.shape == rm.shape and mx.dtype == torch.float32, name
+        fin = torch.isfinite(rm)
+        assert torch.equal(torch.isfinite(mx), fin), name
+        assert (mx[~fin] == float("-inf")).all(), name
+        e = (mx[fin].double() - rm[fin]).abs().max().item()
+        assert e <= 5e-3 * max(1.0, rm[fin].abs().max().item()), f"{name}: {e}"
+        empty += int((~fin).sum())
+        print(name, "max_scores err", e, "rows without keys", int((~fin).sum()))
+    assert empty >= 8 + 10 + 22, empty  # rows without keys: document, mask, jagged
+    print("OK max_scores")
+    """
+)
+
+
+def test_mma_forward_max_scores_in_simulator():
+    run_script(_MAX_SCORES, timeout=900, env={"ATTN_GPU_MAX_SCORES": "1"})
