@@ -520,14 +520,16 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     out, lse = _outputs(q, v, flex is not None)
     maxs = bool(flex is not None and flex.max_scores)
     if maxs:
-        # lse and max_scores as the two planes of one buffer (gpu/_mma.py MAXS)
+        # lse and max_scores as the two planes of one buffer (gpu/_mma.py MAXS);
+        # max_scores goes out as a copy, since the outputs of a custom op (attn's flex op
+        # under torch.compile) may not share storage with each other
         planes = torch.empty(2, B, Hq, Lq, dtype=torch.float32, device=q.device)
         lse = planes
     if out.numel() == 0 and lse.numel() == 0:
-        return (out, lse[0], lse[1]) if maxs else (out, lse)
+        return (out, lse[0], lse[1].clone()) if maxs else (out, lse)
     if flex is not None and not jagged_reasons(q.dtype, D, Dv, flex, attn_mask, tiling):
         _jagged_forward(q, k, v, out, lse, band_of(flex), scale, maxs)
-        return (out, lse[0], lse[1]) if maxs else (out, lse)
+        return (out, lse[0], lse[1].clone()) if maxs else (out, lse)
     m = _mask(attn_mask, B, Hq, Lq, Lk, q.device)
     mods, bufs = _flex_args(flex, q.device)
     bs = None if flex is None or flex.block_mask is None else flex.block_mask.BLOCK_SIZE
@@ -546,7 +548,7 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
         *lists, lb, lh, *bufs,
     )
     launch(kern, grid, threads, args, q.device.index, shmem)
-    return (out, lse[0], lse[1]) if maxs else (out, lse)
+    return (out, lse[0], lse[1].clone()) if maxs else (out, lse)
 
 
 def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=(),
