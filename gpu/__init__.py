@@ -496,6 +496,10 @@ def _jagged_forward(q, k, v, out, lse, band, scale, maxs=False):
     BM, BN = _mma.tile(D, Dv, kind)
     items = jagged_items(band, BM, BN, q.device)
     if items.shape[0] == 0:
+        # No query tile in any sequence: every row sees no key (the kernel contract's
+        # out 0, lse -inf), which no launch would write.
+        out.zero_()
+        lse.fill_(float("-inf"))
         return
     d = _dummy(q.device)
     marr, ms = _mask_args(None, q.device)
@@ -614,17 +618,17 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
 
 
 # FlexAttention's max_scores (AuxRequest(max_scores=True)) from the tensor-core forward
-# (gpu/_mma.py MAXS). Off by default until the GPU tests have run it on a GPU (written
-# in session 20 with the simulator only); ATTN_GPU_MAX_SCORES=1 turns it on, and the
-# backend choice then stops sending those calls elsewhere.
-MAX_SCORES = os.environ.get("ATTN_GPU_MAX_SCORES", "0").strip() == "1"
+# (gpu/_mma.py MAXS): on since its GPU tests passed on an H200 (2026-12-04, bench/NOTES.md
+# G22); ATTN_GPU_MAX_SCORES=0 switches it off, and the backend choice then sends those
+# calls to a backend that computes them.
+MAX_SCORES = os.environ.get("ATTN_GPU_MAX_SCORES", "1").strip() != "0"
 
 
 def max_scores_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
     """Why the GPU forward cannot return max_scores for this call (empty if it can)."""
     if not MAX_SCORES:
-        return ["max_scores (AuxRequest) from the GPU kernels is off until checked on a "
-                "GPU (ATTN_GPU_MAX_SCORES=1 turns it on)"]
+        return ["max_scores (AuxRequest) from the GPU kernels is switched off "
+                "(ATTN_GPU_MAX_SCORES=0)"]
     r = mma_reasons(dtype, D, Dv, tiling, block_size)
     return [f"max_scores only from the tensor-core forward, which cannot run: {x}"
             for x in r]

@@ -214,9 +214,27 @@ def _loader(ROWS: int, W: int, LD: int, NTH: int, kind: str, cp16):
     NE = ROWS * W
     CHE = -(-NE // NTH)
 
+    # Whole rows per pass of the CTA's threads (the default tiles): a thread's column
+    # stays the same from pass to pass and its row steps by NTH // W8, so the index
+    # math is one row step per pass (computed generally, the floor divisions and their
+    # 64-bit sign fix-ups ran per copy and their hoisted offsets held registers).
+    ROWSTEP = NTH // W8 if NTH % W8 == 0 and NCH % NTH == 0 else 0
+
     @cuda.jit(device=True, inline=True)
     def load(sm, off, a, base, r0, s_l, s_d, L, tid, vec):
-        if vec:
+        if vec and ROWSTEP:
+            r = int32(tid) // int32(W8)
+            cc = int32(tid) - r * int32(W8)
+            so = off + r * LD + cc * VEC
+            rr = r0 + r
+            g = base + rr * s_l + cc * VEC
+            for i in range(CH):
+                ok = rr < L
+                cp16(sm, so, a, g if ok else base, ok)
+                so += ROWSTEP * LD
+                rr += ROWSTEP
+                g += ROWSTEP * s_l
+        elif vec:
             for i in range(CH):
                 c = tid + i * NTH
                 if NCH % NTH == 0 or c < NCH:

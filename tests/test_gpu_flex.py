@@ -102,9 +102,10 @@ def test_flex_gpu(name, dtype, D):
 
 @pytest.mark.parametrize("name", ["causal", "document", "alibi_causal", "softcap"])
 def test_flex_gpu_max_scores(name, monkeypatch):
-    """AuxRequest(max_scores=True) served by the GPU backend (gpu/_mma.py MAXS, off by
-    default until this test has passed on a GPU: gpu.MAX_SCORES), bf16, D 64, against
-    the float64 oracle's max_scores; out and lse as without the request."""
+    """AuxRequest(max_scores=True) served by the GPU backend (gpu/_mma.py MAXS; on by
+    default, set here so that ATTN_GPU_MAX_SCORES=0 in the environment cannot turn the
+    test into a check of another backend), bf16, D 64, against the float64 oracle's
+    max_scores; out and lse as without the request."""
     monkeypatch.setattr(gpu, "MAX_SCORES", True)
     B, Hq, Hkv, L, D, dtype = 2, 4, 2, 517, 64, torch.bfloat16
     smf, mmf = CASES[name]
