@@ -109,7 +109,7 @@ def main():
         cfg = _mma_bwd.config(D, D, kind, mask)
     else:
         k = _mma.forward_kernel(kind, D, D, causal, mask, mods, jag)
-        cfg = _mma.config(D, D, kind)
+        cfg = _mma.config(D, D, kind, mask)
     ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0), lineinfo="--lineinfo" in sys.argv)
     print(tag, cfg, f"compile {time.time() - t0:.1f}s")
     out.mkdir(parents=True, exist_ok=True)

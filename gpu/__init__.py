@@ -586,7 +586,20 @@ def mma_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
     if dtype == torch.float32 and not TF32X3:
         extra.append("ATTN_GPU_TF32X3=0 (attn.gpu.TF32X3 is off): float32 uses the "
                      "SIMT forward")
-    return _tensor_core_reasons(_mma, "kernel", dtype, D, Dv, tiling, block_size, extra)
+    # A BLOCK_SIZE the larger tiles do not divide takes the small ones (_fwd_small).
+    return _tensor_core_reasons(_mma, "kernel", dtype, D, Dv, tiling, block_size, extra,
+                                (True,))
+
+
+def _fwd_small(kind, D, Dv, masked, block_size) -> bool:
+    """Whether the tensor-core forward takes its small tiles (gpu/_mma.py config): with
+    an attn_mask, or a block mask whose BLOCK_SIZE the larger tiles do not divide."""
+    if masked:
+        return True
+    if block_size is None:
+        return False
+    BM, BN = _mma.tile(D, Dv, kind)
+    return bool(block_size[0] % BM or block_size[1] % BN)
 
 
 @lru_cache(maxsize=1024)
@@ -599,10 +612,11 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
     float32 by 3xTF32 unless TF32X3 is off)."""
     if not mma_reasons(dtype, D, Dv, tiling, block_size):
         kind = _KIND[dtype]
-        rows, cols = _mma.tile(D, Dv, kind)
-        kern = _mma.forward_kernel(kind, D, Dv, causal, masked, mods, 0, maxs)
-        threads = _mma.threads(D, Dv, kind)
-        shmem = _mma.shared_bytes(D, Dv, masked or mods is not None, kind)
+        small = _fwd_small(kind, D, Dv, masked, block_size)
+        rows, cols = _mma.tile(D, Dv, kind, small)
+        kern = _mma.forward_kernel(kind, D, Dv, causal, masked, mods, 0, maxs, small)
+        threads = _mma.threads(D, Dv, kind, small)
+        shmem = _mma.shared_bytes(D, Dv, masked or mods is not None, kind, small)
     else:
         if maxs:
             raise ValueError("max_scores: " + "; ".join(max_scores_reasons(

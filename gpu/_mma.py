@@ -138,11 +138,19 @@ def head_dim_reasons(kind: str, D: int, Dv: int, simt: str, kept: str) -> list[s
 # at D = 128 that needs Q re-read from shared memory each kv block (its fragments
 # would not fit beside 2 x 16 x 128 accumulators). bench/NOTES.md (G7) has the
 # measurements. The simulator runs every thread as a Python thread: two warps and
-# 16-key blocks still give several q and kv blocks at L = 33. Tuning knob for
-# bench/device/mma_check.py: ATTN_GPU_MMA_CONFIG="64:4,2,64,1;128:4,2,64,0".
+# 16-key blocks still give several q and kv blocks at L = 33. D = 128 takes two tiles x
+# 32 keys (FlashAttention-2's 128-row CTA) since the tile loader's index math stopped
+# holding registers (G23: 249 registers, no spill; +11-12% non-causal, +1-3% causal on
+# the H200 against one tile x 64 keys with Q in registers). Its attn_mask variant
+# spills there (48 bytes), so attn_mask keeps one tile x 64 keys (_SMALL_TILES, also for
+# block masks whose BLOCK_SIZE the 128-row tiles do not divide). Tuning knobs for
+# bench/device/mma_check.py: ATTN_GPU_MMA_CONFIG="64:4,2,64,1;128:4,2,32,0",
+# ATTN_GPU_MMA_SMALL_CONFIG (the small tiles), same format.
 Config = namedtuple("Config", "NW MT BN QREG")
-_TILES = Tiles(Config, {64: Config(4, 2, 64, True), 128: Config(4, 1, 64, True)},
+_TILES = Tiles(Config, {64: Config(4, 2, 64, True), 128: Config(4, 2, 32, False)},
                Config(2, 1, 16, True), "ATTN_GPU_MMA_CONFIG")
+_SMALL_TILES = Tiles(Config, {64: Config(4, 2, 64, True), 128: Config(4, 1, 64, True)},
+                     Config(2, 1, 16, True), "ATTN_GPU_MMA_SMALL_CONFIG")
 # float32 (3xTF32): float32 tiles take twice the shared memory of 16-bit ones. D <= 64:
 # two m16 tiles per warp with 32-key blocks (each K/V fragment and its split serve two
 # tiles; 186 registers, 68 KiB: two CTAs per SM; +10-20% over one tile x 64 keys on the
@@ -156,17 +164,22 @@ _TF32_TILES = Tiles(Config, {64: Config(4, 2, 32, False), 128: Config(4, 1, 32, 
 MAX_D = 128
 
 
-def config(D: int, Dv: int, kind: str = "bf16"):
-    return (_TF32_TILES if kind == "f32" else _TILES).config(D, Dv)
+def config(D: int, Dv: int, kind: str = "bf16", small: bool = False):
+    """The tiles of a kernel variant, per head dims and dtype kind; ``small``: the
+    16-bit kinds' smaller tiles (_SMALL_TILES), for the attn_mask variant (its larger
+    tiles spill) and for block masks whose BLOCK_SIZE the larger tiles do not divide."""
+    if kind == "f32":
+        return _TF32_TILES.config(D, Dv)
+    return (_SMALL_TILES if small else _TILES).config(D, Dv)
 
 
-def threads(D: int, Dv: int, kind: str = "bf16") -> int:
-    return 32 * config(D, Dv, kind).NW
+def threads(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> int:
+    return 32 * config(D, Dv, kind, small).NW
 
 
-def tile(D: int, Dv: int, kind: str = "bf16") -> tuple[int, int]:
+def tile(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the kernel for head dims D, Dv (and element kind)."""
-    c = config(D, Dv, kind)
+    c = config(D, Dv, kind, small)
     return 16 * c.NW * c.MT, c.BN
 
 
@@ -184,11 +197,12 @@ def reasons(kind: str, D: int, Dv: int) -> list[str]:
     return head_dim_reasons(kind, D, Dv, "kernels", "Q and O")
 
 
-def shared_bytes(D: int, Dv: int, mods: bool = False, kind: str = "bf16") -> int:
+def shared_bytes(D: int, Dv: int, mods: bool = False, kind: str = "bf16",
+                 small: bool = False) -> int:
     """Dynamic shared memory of a CTA: Q, two K and two V buffers (bf16/f16 elements,
     rows padded by 8; float32 rows padded by 4), plus a float32 copy of S for calls
     with mods or attn_mask."""
-    BM, BN = tile(D, Dv, kind)
+    BM, BN = tile(D, Dv, kind, small)
     size, pad = (4, 4) if kind == "f32" else (2, 8)
     n = size * (BM * (D + pad) + 2 * BN * (D + pad) + 2 * BN * (Dv + pad))
     return n + (4 * BM * BN if mods else 0)
@@ -334,7 +348,7 @@ def _score_regs(score_fn, MNS: int, NS: int):
 
 @lru_cache(maxsize=None)
 def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=None,
-                   JAG: int = 0, MAXS: bool = False):
+                   JAG: int = 0, MAXS: bool = False, SMALL: bool = False):
     """The tensor-core forward for one specialisation; same arguments as
     _kernels.forward_kernel's kernels.
 
@@ -352,7 +366,9 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     score_mod and the masks, -inf for a row that saw no key), in a second plane of the
     lse argument: ``lse`` then holds 2 * gridDim.y * Lq values, max_scores from
     gridDim.y * Lq on (no new kernel argument, so the other specialisations and their
-    bound launches are untouched)."""
+    bound launches are untouched).
+
+    ``SMALL``: the small tiles (config); an attn_mask (MASK) takes them anyway."""
     if reasons(kind, D, Dv):
         raise ValueError("; ".join(reasons(kind, D, Dv)))
     if JAG and (CAUSAL or MASK or mods is not None):
@@ -370,7 +386,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     TF32 = kind == "f32"  # 3xTF32 products (module docstring)
     ELT = float32 if TF32 else types.float16 if kind == "f16" else types.int16
 
-    NW, MT, BN, QREG = config(D, Dv, kind)
+    NW, MT, BN, QREG = config(D, Dv, kind, SMALL or MASK)
     if TF32 and QREG:
         raise ValueError("the 3xTF32 forward reads Q from shared memory (QREG = 0)")
     BM = 16 * NW * MT

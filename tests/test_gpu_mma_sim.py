@@ -243,3 +243,61 @@ _MAX_SCORES = FLEX + textwrap.dedent(
 
 def test_mma_forward_max_scores_in_simulator():
     run_script(_MAX_SCORES, timeout=900, env={"ATTN_GPU_MAX_SCORES": "1"})
+
+
+# The forward's small tiles (gpu/_mma.py _SMALL_TILES) in a simulator of their own: 1 warp
+# x 16 queries against the default simulator tiles' 2 warps (32 queries), 16 keys each.
+# A block mask with BLOCK_SIZE 16, which the default tiles do not divide, takes them over
+# its block lists (a padded document mask_mod); a library band mod at that BLOCK_SIZE
+# takes the per-sequence kernel at the default tiles (it reads no block lists, and its
+# item table is laid out at those tiles); an attn_mask takes the small tiles whatever
+# the BLOCK_SIZE. out and lse against attn.reference.
+_SMALL = FLEX + textwrap.dedent(
+    r"""
+    from attn.reference import attention, flex_attention as ref_flex
+    from attn.gpu import _mma
+    dt = torch.float16
+    assert _mma.tile(16, 16, "f16") == (32, 16), _mma.tile(16, 16, "f16")
+    assert _mma.tile(16, 16, "f16", True) == (16, 16)
+    built = []
+    make = _mma.forward_kernel
+    _mma.forward_kernel = lambda *a: built.append(a) or make(*a)
+
+    def small_of(a):
+        return bool(a[8] if len(a) > 8 else False) or bool(a[4])
+
+    def close(name, out, lse, ro, rl):
+        fin = torch.isfinite(rl)
+        assert torch.equal(torch.isfinite(lse), fin), name
+        assert not torch.isnan(out).any() and (out[~fin] == 0).all(), name
+        e = (out.double() - ro).abs().max().item()
+        el = (lse[fin].double() - rl[fin]).abs().max().item()
+        assert e <= 4e-3 and el <= 1e-4, f"{name}: out err {e}, lse err {el}"
+
+    g, q, k, v = mma_flex_inputs(43)
+    doc = mods.document_mask(torch.tensor([0, 10, 11, 40, 45]), length=MMA_FLEX_L)
+    for mask_mod, small, jag in ((doc, True, False), (mods.causal_mask, False, True)):
+        bm, spec = flex_spec(mask_mod, None, 1, 2, MMA_FLEX_L, 16)
+        assert (getattr(bm, "_attn_jagged", None) is not None) == jag, mask_mod
+        n = len(built)
+        out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
+        assert len(built) == n + 1, built
+        a = built[-1]
+        assert bool(a[6] if len(a) > 6 else 0) == jag, a
+        assert small_of(a) == small, a
+        ro, rl, _ = ref_flex(q.double(), k.double(), v.double(), None, bm, None, True)
+        close(mask_mod.__name__, out, lse, ro, rl)
+
+    mask = make_mask("bool", 1, 33, 33, dt, g)
+    q, k, v = (torch.randn(1, 1, 33, 16, generator=g).to(dt) for _ in range(3))
+    out, lse = gpu.forward(q, k, v, mask, False)
+    assert built[-1][4] and small_of(built[-1]), built[-1]
+    ro, rl = attention(q.double(), k.double(), v.double(), mask, False, None)
+    close("bool mask", out, lse, ro, rl)
+    print("OK forward small tiles")
+    """
+)
+
+
+def test_mma_forward_small_tiles_in_simulator():
+    run_script(_SMALL, timeout=900, env={"ATTN_GPU_MMA_SMALL_CONFIG": "sim:1,1,16,1"})

@@ -33,7 +33,9 @@ PEERS = {"EFFICIENT": SDPBackend.EFFICIENT_ATTENTION, "FLASH": SDPBackend.FLASH_
          "CUDNN": SDPBackend.CUDNN_ATTENTION}
 rows = []
 t_start = time.time()
-for dtype in (torch.float32, torch.bfloat16):
+# SUMMARY_DTYPES=bfloat16 (comma-separated torch dtype names) measures a subset.
+for dtype in [getattr(torch, n) for n in
+              os.environ.get("SUMMARY_DTYPES", "float32,bfloat16").split(",")]:
     for D in (64, 128):
         H = 2048 // D
         for L in (4096, 16384):
