@@ -493,7 +493,12 @@ def _jagged_forward(q, k, v, out, lse, band, scale, maxs=False):
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     kind = _KIND[q.dtype]
-    BM, BN = _mma.tile(D, Dv, kind)
+    jag = 2 if band.left >= 0 else 1
+    # Left window edges (JAG 2) on the small tiles: at D = 128 the two-tile variant
+    # spilled 56 bytes (Numba's resource query on the H200, bench/NOTES.md G23); the
+    # small tiles are the one-tile kernel that served these calls before G23.
+    small = jag == 2
+    BM, BN = _mma.tile(D, Dv, kind, small)
     items = jagged_items(band, BM, BN, q.device)
     if items.shape[0] == 0:
         # No query tile in any sequence: every row sees no key (the kernel contract's
@@ -510,10 +515,9 @@ def _jagged_forward(q, k, v, out, lse, band, scale, maxs=False):
         Hq, Hq // Hkv, Lq, Lk, scale,
         items, d, d, d, 0, 0, 0, d, d, d, d,
     )
-    launch(_mma.forward_kernel(kind, D, Dv, False, False, None,
-                               2 if band.left >= 0 else 1, maxs),
-           (items.shape[0], B * Hq), _mma.threads(D, Dv, kind), args, q.device.index,
-           _mma.shared_bytes(D, Dv, False, kind))
+    launch(_mma.forward_kernel(kind, D, Dv, False, False, None, jag, maxs, small),
+           (items.shape[0], B * Hq), _mma.threads(D, Dv, kind, small), args,
+           q.device.index, _mma.shared_bytes(D, Dv, False, kind, small))
 
 
 def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, flex=None):

@@ -250,8 +250,9 @@ def test_mma_forward_max_scores_in_simulator():
 # A block mask with BLOCK_SIZE 16, which the default tiles do not divide, takes them over
 # its block lists (a padded document mask_mod); a library band mod at that BLOCK_SIZE
 # takes the per-sequence kernel at the default tiles (it reads no block lists, and its
-# item table is laid out at those tiles); an attn_mask takes the small tiles whatever
-# the BLOCK_SIZE. out and lse against attn.reference.
+# item table is laid out at those tiles), one with a left window edge at the small
+# tiles whatever the BLOCK_SIZE; an attn_mask takes the small tiles whatever the
+# BLOCK_SIZE. out and lse against attn.reference.
 _SMALL = FLEX + textwrap.dedent(
     r"""
     from attn.reference import attention, flex_attention as ref_flex
@@ -276,14 +277,17 @@ _SMALL = FLEX + textwrap.dedent(
 
     g, q, k, v = mma_flex_inputs(43)
     doc = mods.document_mask(torch.tensor([0, 10, 11, 40, 45]), length=MMA_FLEX_L)
-    for mask_mod, small, jag in ((doc, True, False), (mods.causal_mask, False, True)):
+    # (mask_mod, small tiles, the jagged kernel's JAG): a left window edge (JAG 2) takes
+    # the small tiles (its two-tile D 128 variant spilled)
+    for mask_mod, small, jag in ((doc, True, 0), (mods.causal_mask, False, 1),
+                                 (mods.sliding_window(8), True, 2)):
         bm, spec = flex_spec(mask_mod, None, 1, 2, MMA_FLEX_L, 16)
-        assert (getattr(bm, "_attn_jagged", None) is not None) == jag, mask_mod
+        assert (getattr(bm, "_attn_jagged", None) is not None) == bool(jag), mask_mod
         n = len(built)
         out, lse = gpu.forward(q, k, v, None, False, None, flex=spec)
         assert len(built) == n + 1, built
         a = built[-1]
-        assert bool(a[6] if len(a) > 6 else 0) == jag, a
+        assert (a[6] if len(a) > 6 else 0) == jag, a
         assert small_of(a) == small, a
         ro, rl, _ = ref_flex(q.double(), k.double(), v.double(), None, bm, None, True)
         close(mask_mod.__name__, out, lse, ro, rl)
