@@ -78,6 +78,14 @@ MASK_REGS = os.environ.get("ATTN_GPU_MASK_REGS", "1").strip() != "0"
 # block, its mask_mod (if any) as bit sets on partial blocks (forward_kernel SCOREREG);
 # ATTN_GPU_SCORE_REGS=0 sends every block through the shared-memory copy of S instead.
 SCORE_REGS = os.environ.get("ATTN_GPU_SCORE_REGS", "1").strip() != "0"
+# Lazy rescaling (FlashAttention-4's trick; bench/NOTES.md G24): the row's reference
+# maximum moves only when a block's maximum exceeds it by more than LAZY_TH (log2 units),
+# so P stays below 2^LAZY_TH and most blocks skip the O rescale and the alpha exp2; and a
+# block without exclusions folds the softmax scale into the exponent's FMA instead of a
+# multiply per score. Off until measured on a GPU (written with the simulator only):
+# ATTN_GPU_LAZY_RESCALE=1 turns it on. Read once at import.
+LAZY_RESCALE = os.environ.get("ATTN_GPU_LAZY_RESCALE", "0").strip() == "1"
+LAZY_TH = np.float32(8.0)
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 LOG2E = np.float32(1.4426950408889634)
@@ -427,6 +435,9 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     SCOREREG = (SCORE_REGS and SCORE and not MASK and MT <= 2
                 and (not MASKMOD or MASKBITS))
 
+    LAZY = LAZY_RESCALE
+    TH = LAZY_TH
+
     row_bits = mask_bits(mask_fn, CAUSAL, NCB, True)
     score_regs = _score_regs(score_fn, MNS, NS) if SCOREREG else None
     # float32 offset of the mods' S scratch (16-bit tiles: two elements per word)
@@ -436,9 +447,11 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
 
     @cuda.jit(device=True, inline=True)
-    def epilogue(o, lse, acc, l_r, m_r, r, rw, qlim, b, h, bh, t, Lq, os_b, os_h, os_l,
-                 os_d):
+    def epilogue(o, lse, acc, l_r, m_r, t_r, r, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
+                 os_l, os_d):
         # Row slot r (rows rw + 8r): O / l out (0 for a row that saw no key), and lse.
+        # m_r is the reference maximum of the exponents (the row maximum unless LAZY:
+        # lse is exact for any reference), t_r the row maximum (MAXS with LAZY).
         row = rw + 8 * r
         if row < qlim:
             lsum = l_r[r]
@@ -462,10 +475,10 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                     lv = (m_r[r] + math.log2(lsum)) * LN2
                 lse[bh * Lq + row] = lv
                 if MAXS:
-                    # m_r is the running maximum in log2 units (scores * log2(e))
+                    # the running maximum in log2 units (scores * log2(e))
                     mv = NEG_INF
                     if lsum > ZERO:
-                        mv = m_r[r] * LN2
+                        mv = (t_r[r] if LAZY else m_r[r]) * LN2
                     lse[(cuda.gridDim.y + bh) * Lq + row] = mv
 
     @cuda.jit(**_JIT)
@@ -505,6 +518,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
         l_r = cuda.local.array(MR, float32)
         x_r = cuda.local.array(MR, float32)
         y_r = cuda.local.array(MR, float32)
+        t_r = cuda.local.array(MR, float32)  # the row maxima (MAXS with LAZY)
         lim = cuda.local.array(MR, int32)
 
         sl2 = float32(scale) * LOG2E
@@ -565,6 +579,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
         for r in range(MR):
             m_r[r] = NEG_INF
             l_r[r] = ZERO
+            t_r[r] = NEG_INF
 
         for it in range(nt):
             buf = it & 1
@@ -652,6 +667,11 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             # Per row slot r, the exclusions of this block in lim[r]: the mask bits of a
             # partial block of a register-path mask_mod, else the column limit (keys
             # past Lk, causal diagonal) wherever a register path applies it.
+            # The factor that takes S to log2 units in the exponent below: 1 where the
+            # paths below have scaled S already, sl2 where (LAZY) a block without
+            # exclusions leaves S raw (one FMA per score instead of a multiply and a
+            # subtraction; the row maximum is taken raw and scaled, so sl2 > 0 only).
+            f = ONE
             bits = (MASKREG or SCOREREG) and MASKMOD and partial
             shared = not SCOREREG and (SCORE or (MASKS and partial))
             if bits:
@@ -725,6 +745,8 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                         dcr = (8 * ((idx % NS) >> 2) + (idx & 1)
                                - 16 * (idx // NS) - 8 * ((idx >> 1) & 1))
                         s[idx] = s[idx] if dcr >= lb else NEG_INF
+            elif LAZY and sl2 > ZERO:
+                f = sl2
             else:
                 for idx in range(MNS):
                     s[idx] = s[idx] * sl2
@@ -733,30 +755,52 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             for idx in range(MNS):
                 r = 2 * (idx // NS) + ((idx >> 1) & 1)
                 x_r[r] = _fmax(x_r[r], s[idx])
-            for r in range(MR):
-                mx = _fmax(m_r[r], quad_max(scr, x_r[r]))
-                # A row that has seen only excluded keys keeps m = -inf; exponents are
-                # then taken against 0 so that P = 0 and alpha = 0, never NaN.
-                mu = mx if mx != NEG_INF else ZERO
-                y_r[r] = exp2(m_r[r] - mu)  # alpha
-                x_r[r] = mu
-                m_r[r] = mx
-                l_r[r] *= y_r[r]
+            grow = True
+            if LAZY:
+                # The reference maximum m moves only past m + TH: P <= 2^TH (no overflow
+                # in float32 or in P's 16-bit fragments; lse = m + log2(l) is exact for
+                # any reference), and a block that moves no row of the lane skips the
+                # rescale. A row at -inf takes its first finite maximum (alpha 0: l and O
+                # are still 0).
+                grow = False
+                for r in range(MR):
+                    bm = quad_max(scr, x_r[r]) * f
+                    t_r[r] = _fmax(t_r[r], bm)
+                    y_r[r] = ONE
+                    if bm > m_r[r] + TH:
+                        y_r[r] = exp2(m_r[r] - bm)
+                        m_r[r] = bm
+                        l_r[r] *= y_r[r]
+                        grow = True
+                    # A row that has seen only excluded keys keeps m = -inf: exponents
+                    # against 0, so P = 0, never NaN.
+                    x_r[r] = m_r[r] if m_r[r] != NEG_INF else ZERO
+            else:
+                for r in range(MR):
+                    mx = _fmax(m_r[r], quad_max(scr, x_r[r]))
+                    # A row that has seen only excluded keys keeps m = -inf; exponents are
+                    # then taken against 0 so that P = 0 and alpha = 0, never NaN.
+                    mu = mx if mx != NEG_INF else ZERO
+                    y_r[r] = exp2(m_r[r] - mu)  # alpha
+                    x_r[r] = mu
+                    m_r[r] = mx
+                    l_r[r] *= y_r[r]
             for idx in range(MNS):
                 r = 2 * (idx // NS) + ((idx >> 1) & 1)
-                p = exp2(s[idx] - x_r[r])
+                p = exp2(s[idx] * f - x_r[r])
                 l_r[r] += p
                 s[idx] = p
-            if MNO <= 64:
-                for idx in range(MNO):
-                    acc[idx] *= y_r[2 * (idx // NO) + ((idx >> 1) & 1)]
-            else:
-                # One loop per m16 tile (MT = 2): one loop over MNO = 128 registers (two
-                # tiles at D = 128) was left rolled, and O went to local memory.
-                for idx in range(NO):
-                    acc[idx] *= y_r[(idx >> 1) & 1]
-                for idx in range(NO):
-                    acc[NO + idx] *= y_r[2 + ((idx >> 1) & 1)]
+            if grow:
+                if MNO <= 64:
+                    for idx in range(MNO):
+                        acc[idx] *= y_r[2 * (idx // NO) + ((idx >> 1) & 1)]
+                else:
+                    # One loop per m16 tile (MT = 2): one loop over MNO = 128 registers
+                    # (two tiles at D = 128) was left rolled, and O went to local memory.
+                    for idx in range(NO):
+                        acc[idx] *= y_r[(idx >> 1) & 1]
+                    for idx in range(NO):
+                        acc[NO + idx] *= y_r[2 + ((idx >> 1) & 1)]
 
             if TF32:
                 # 3xTF32 O += P V over 8-key steps (keys and dims permuted, see the module
@@ -828,20 +872,20 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             l_r[r] = quad_sum(scr, l_r[r])
         if MNO <= 64:
             for r in range(MR):
-                epilogue(o, lse, acc, l_r, m_r, r, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
-                         os_l, os_d)
+                epilogue(o, lse, acc, l_r, m_r, t_r, r, rw, qlim, b, h, bh, t, Lq, os_b,
+                         os_h, os_l, os_d)
         else:
             # Two m16 tiles at D = 128: the row slots written out (constant r, so the
             # slot's O registers at constant indices; the loop over four slots stayed
             # rolled and O went to local memory). At MNO <= 64 the loop unrolls, and
             # written out the D = 64 kernel spilled 8 bytes.
-            epilogue(o, lse, acc, l_r, m_r, 0, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
-                     os_l, os_d)
-            epilogue(o, lse, acc, l_r, m_r, 1, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
-                     os_l, os_d)
-            epilogue(o, lse, acc, l_r, m_r, 2, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
-                     os_l, os_d)
-            epilogue(o, lse, acc, l_r, m_r, 3, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
-                     os_l, os_d)
+            epilogue(o, lse, acc, l_r, m_r, t_r, 0, rw, qlim, b, h, bh, t, Lq, os_b,
+                     os_h, os_l, os_d)
+            epilogue(o, lse, acc, l_r, m_r, t_r, 1, rw, qlim, b, h, bh, t, Lq, os_b,
+                     os_h, os_l, os_d)
+            epilogue(o, lse, acc, l_r, m_r, t_r, 2, rw, qlim, b, h, bh, t, Lq, os_b,
+                     os_h, os_l, os_d)
+            epilogue(o, lse, acc, l_r, m_r, t_r, 3, rw, qlim, b, h, bh, t, Lq, os_b,
+                     os_h, os_l, os_d)
 
     return fwd

@@ -305,3 +305,64 @@ _SMALL = FLEX + textwrap.dedent(
 
 def test_mma_forward_small_tiles_in_simulator():
     run_script(_SMALL, timeout=900, env={"ATTN_GPU_MMA_SMALL_CONFIG": "sim:1,1,16,1"})
+
+
+# Lazy rescaling (gpu/_mma.py LAZY_RESCALE, off by default until measured on a GPU):
+# keys whose norms grow along the sequence move each row's maximum by far more than the
+# threshold several times, so the reference maximum moves, stays and moves again;
+# causal, GQA, a negative and a zero scale (which keep the multiply), block masks with
+# and without score_mod (scores scaled before the exponent), and max_scores (the true
+# row maxima beside the reference). Against attn.reference.
+_LAZY = FLEX + textwrap.dedent(
+    r"""
+    from attn.reference import attention, flex_attention as ref_flex
+    from attn.gpu import _mma
+    assert _mma.LAZY_RESCALE
+    dt = torch.float16
+
+    def check(name, out, lse, ro, rl, tol=4e-3):
+        fin = torch.isfinite(rl)
+        assert not torch.isnan(out).any() and torch.equal(torch.isfinite(lse), fin), name
+        e = (out.double() - ro).abs().max().item()
+        el = (lse[fin].double() - rl[fin]).abs().max().item()
+        assert e <= tol and el <= 1e-4 * max(1.0, rl[fin].abs().max().item()), \
+            f"{name}: out err {e}, lse err {el}"
+        print(name, "out err", e, "lse err", el)
+
+    g = torch.Generator().manual_seed(31)
+    L = 97
+    grow = (1 + torch.arange(L) / 6.0).view(1, 1, L, 1)
+    q = torch.randn(1, 2, L, 16, generator=g).to(dt)
+    k = (torch.randn(1, 1, L, 16, generator=g) * grow).to(dt)
+    v = torch.randn(1, 1, L, 16, generator=g).to(dt)
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    # the row maxima climb by many times the threshold (8 in log2 units) across blocks
+    assert (s.amax(-1) - s[..., :16].amax(-1)).max().item() * 1.4427 > 3 * 8
+    for causal in (False, True):
+        for scale in (None, -0.3, 0.0):
+            out, lse = gpu.forward(q, k, v, None, causal, scale)
+            ro, rl = attention(q.double(), k.double(), v.double(), None, causal, scale,
+                               enable_gqa=True)
+            check(f"causal={causal} scale={scale}", out, lse, ro, rl)
+    g, q2, k2, v2 = mma_flex_inputs(32)
+    for mask_mod, score_mod in MMA_FLEX_MODS:
+        bm, spec = flex_spec(mask_mod, score_mod, 1, 2, MMA_FLEX_L, 32)
+        out, lse = gpu.forward(q2, k2, v2, None, False, None, flex=spec)
+        ro, rl, _ = ref_flex(q2.double(), k2.double(), v2.double(), score_mod, bm, None,
+                             True)
+        check(f"flex {mask_mod} {score_mod}", out, lse, ro, rl)
+    bm, spec = flex_spec(mods.causal_mask, None, 1, 2, L, 32)
+    out0, lse0 = gpu.forward(q, k, v, None, False, None, flex=spec)
+    out, lse, mx = gpu.forward(q, k, v, None, False, None,
+                               flex=spec._replace(max_scores=True))
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    _, _, rm = ref_flex(q.double(), k.double(), v.double(), None, bm, None, True)
+    e = (mx.double() - rm).abs().max().item()
+    assert e <= 5e-3 * rm.abs().max().item(), e
+    print("OK lazy rescale; max_scores err", e)
+    """
+)
+
+
+def test_mma_forward_lazy_rescale_in_simulator():
+    run_script(_LAZY, timeout=900, env={"ATTN_GPU_LAZY_RESCALE": "1"})

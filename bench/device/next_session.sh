@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
-# First device call of the next session (written 2026-12-03, session 20). What session
-# 20 could not run on a GPU after G20's fix (the jagged backward on the large tiles
-# whatever the BLOCK_SIZE) and GPU max_scores (gpu/_mma.py MAXS, off by default until it
-# has run here: test_flex_gpu_max_scores switches it on): the BLOCK_SIZE 64 and
-# max_scores flex cases first (if they pass, set gpu.MAX_SCORES's default to on and say
-# so in the README), then every GPU test file
-# in pytest-xdist workers (carry the pytest_xdist and execnet wheels in .whl beside
-# numpy's: 12 workers ran 110 tests in 230 s), verbose so the log names each test.
-# Then mma_bwd_check.py alone on the GPU (24 gradient cases and the bf16 timing).
-# Next work after it: NOTES G20/G21 (forward at D 128: two m16 tiles x 32 keys ran +7-10%
-# but spills 40 bytes; free registers first).
+# First device call of the next session (written 2026-12-04, session 21). What session 21
+# could not run on a GPU: lazy rescaling in the tensor-core forward (gpu/_mma.py
+# LAZY_RESCALE, NOTES G24; off by default, simulator-tested) and the jagged forward with
+# left window edges on the small tiles (G23: the two-tile D 128 variant spilled 56 B).
+# 1. lazy_check.py: mma_check's correctness groups with ATTN_GPU_LAZY_RESCALE=1, then the
+#    bf16 forward timing off / on / off / on (FLASH beside the first).
+# 2. The GPU test files with ATTN_GPU_LAZY_RESCALE=1 in pytest-xdist workers (carry the
+#    pytest_xdist and execnet wheels in .whl beside numpy's), and beside them
+#    kernel_resources.py at D 128 (expect 0 local bytes for "flex sliding 256").
+# If 1 and 2 pass and the timing gains: LAZY_RESCALE's default to on (gpu/_mma.py), NOTES
+# G24 and the README; else say why in G24.
 # Usage (repository root, GPU machine): bash bench/device/next_session.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 out=${OUT:-/tmp/next}; logs=/tmp/next-logs; mkdir -p $out $logs
 t0=$(date +%s)
-pt="python3 -m pytest -m gpu -p no:cacheprovider -rfE --tb=short"
-timeout 150 $pt -q -n 4 tests/test_gpu_flex.py -k "block64 or max_scores" > $logs/block64.txt 2>&1
-tail -n 3 $logs/block64.txt
-timeout ${LIMIT:-330} $pt -v -n ${WORKERS:-12} --dist load tests/test_gpu.py \
+timeout ${LAZY_LIMIT:-240} python3 bench/device/lazy_check.py > $logs/lazy.txt 2>&1
+grep -E "^CHECK|^TIME" $logs/lazy.txt | cut -c1-300
+tail -n 3 $logs/lazy.txt | cut -c1-300
+echo "lazy_check done at $(( $(date +%s) - t0 )) s"
+KR_DIMS=128 timeout 200 python3 bench/device/kernel_resources.py $out/kr128.json \
+  > $logs/kr128.txt 2>&1 &
+ATTN_GPU_LAZY_RESCALE=1 timeout ${LIMIT:-260} python3 -m pytest -m gpu -v \
+  -p no:cacheprovider -rfE --tb=short -n ${WORKERS:-12} --dist load tests/test_gpu.py \
   tests/test_gpu_flex.py tests/test_varlen.py tests/test_torch_flash.py \
   tests/test_profile.py > $logs/tests.txt 2>&1
+wait
 grep -cE " PASSED" $logs/tests.txt | sed 's/^/passed: /'
 grep -hE "FAILED|ERROR" $logs/tests.txt | cut -c1-300 | head -20
-echo "tests done at $(( $(date +%s) - t0 )) s"
-OUT=$out timeout 200 python3 bench/device/mma_bwd_check.py > $logs/mma_bwd.txt 2>&1
-sed -n '/== correctness/,$p' $logs/mma_bwd.txt | grep -vE "^ok " | cut -c1-300
+tail -n 1 $logs/tests.txt | cut -c1-200
+grep regs $logs/kr128.txt
 tar czf $out/next.tgz -C /tmp next-logs
 echo "total $(( $(date +%s) - t0 )) s"
