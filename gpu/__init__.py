@@ -590,19 +590,20 @@ def mma_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
     if dtype == torch.float32 and not TF32X3:
         extra.append("ATTN_GPU_TF32X3=0 (attn.gpu.TF32X3 is off): float32 uses the "
                      "SIMT forward")
-    # A BLOCK_SIZE the larger tiles do not divide takes the small ones (_fwd_small).
+    # A BLOCK_SIZE the larger tiles do not divide takes the small ones (_small_tiles).
     return _tensor_core_reasons(_mma, "kernel", dtype, D, Dv, tiling, block_size, extra,
                                 (True,))
 
 
-def _fwd_small(kind, D, Dv, masked, block_size) -> bool:
-    """Whether the tensor-core forward takes its small tiles (gpu/_mma.py config): with
-    an attn_mask, or a block mask whose BLOCK_SIZE the larger tiles do not divide."""
+def _small_tiles(mod, kind, D, Dv, masked, block_size) -> bool:
+    """Whether a tensor-core kernel (``mod``: gpu/_mma.py or gpu/_mma_bwd.py) takes its
+    small tiles (``mod.config``): with an attn_mask, or a block mask whose BLOCK_SIZE the
+    larger tiles do not divide."""
     if masked:
         return True
     if block_size is None:
         return False
-    BM, BN = _mma.tile(D, Dv, kind)
+    BM, BN = mod.tile(D, Dv, kind)
     return bool(block_size[0] % BM or block_size[1] % BN)
 
 
@@ -616,7 +617,7 @@ def _fwd_plan(dtype, D, Dv, B, Hq, Lq, Lk, causal, masked, device, tiling, mods=
     float32 by 3xTF32 unless TF32X3 is off)."""
     if not mma_reasons(dtype, D, Dv, tiling, block_size):
         kind = _KIND[dtype]
-        small = _fwd_small(kind, D, Dv, masked, block_size)
+        small = _small_tiles(_mma, kind, D, Dv, masked, block_size)
         rows, cols = _mma.tile(D, Dv, kind, small)
         kern = _mma.forward_kernel(kind, D, Dv, causal, masked, mods, 0, maxs, small)
         threads = _mma.threads(D, Dv, kind, small)
@@ -677,21 +678,9 @@ def mma_bwd_reasons(dtype, D, Dv, tiling=None, block_size=None, atomic=True) -> 
                      "attn.gpu.TF32X3_BACKWARD is False)")
     if not atomic:
         extra.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
-    # A BLOCK_SIZE the larger tiles do not divide takes the small ones (_bwd_small).
+    # A BLOCK_SIZE the larger tiles do not divide takes the small ones (_small_tiles).
     return _tensor_core_reasons(_mma_bwd, "backward", dtype, D, Dv, tiling, block_size,
                                 extra, (True,))
-
-
-def _bwd_small(kind, D, Dv, masked, block_size) -> bool:
-    """Whether the tensor-core backward takes its small tiles (gpu/_mma_bwd.py config):
-    with an attn_mask, or a block mask whose BLOCK_SIZE the larger tiles do not
-    divide."""
-    if masked:
-        return True
-    if block_size is None:
-        return False
-    BM, BN = _mma_bwd.tile(D, Dv, kind)
-    return bool(block_size[0] % BM or block_size[1] % BN)
 
 
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,
@@ -788,7 +777,7 @@ def _backward(q, k, v, lse, delta, grad_out, dq, dk, dv, attn_mask, is_causal, s
     BN, BM = t.rows, t.cols  # rows of this kernel's tiles are keys
     bsz = flex.block_mask.BLOCK_SIZE if sparse else None
     tc = not mma_bwd_reasons(q.dtype, D, Dv, tiling, bsz, dqa is not None)
-    small = tc and _bwd_small(kind, D, Dv, m is not None, bsz)
+    small = tc and _small_tiles(_mma_bwd, kind, D, Dv, m is not None, bsz)
     if tc:
         BM, BN = _mma_bwd.tile(D, Dv, kind, small)
     band = band_of(flex) if tc and dqa is not None and JAGGED_BWD else None

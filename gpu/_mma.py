@@ -127,6 +127,22 @@ class Tiles:
         return 32 * self.config(D, Dv).NW
 
 
+class Variants:
+    """The tile tables of one tensor-core kernel (gpu/_mma.py, gpu/_mma_bwd.py): the
+    16-bit kinds' large and small tiles, and float32's (3xTF32)."""
+
+    def __init__(self, large: Tiles, small: Tiles, tf32: Tiles):
+        self.large, self.small, self.tf32 = large, small, tf32
+
+    def config(self, D: int, Dv: int, kind: str = "bf16", small: bool = False):
+        """The tiles of a kernel variant, per head dims and dtype kind; ``small``: the
+        16-bit kinds' smaller tiles, for the attn_mask variant (its larger tiles spill)
+        and for block masks whose BLOCK_SIZE the larger tiles do not divide."""
+        if kind == "f32":
+            return self.tf32.config(D, Dv)
+        return (self.small if small else self.large).config(D, Dv)
+
+
 def head_dim_reasons(kind: str, D: int, Dv: int, simt: str, kept: str) -> list[str]:
     """Why a tensor-core kernel cannot run these head dims / dtype (empty if it can):
     ``simt`` names the SIMT fallback, ``kept`` what must stay in registers."""
@@ -170,15 +186,12 @@ _SMALL_TILES = Tiles(Config, {64: Config(4, 2, 64, True), 128: Config(4, 1, 64, 
 _TF32_TILES = Tiles(Config, {64: Config(4, 2, 32, False), 128: Config(4, 1, 32, False)},
                     Config(2, 1, 16, False), "ATTN_GPU_TF32_CONFIG")
 MAX_D = 128
+_VARIANTS = Variants(_TILES, _SMALL_TILES, _TF32_TILES)
 
 
 def config(D: int, Dv: int, kind: str = "bf16", small: bool = False):
-    """The tiles of a kernel variant, per head dims and dtype kind; ``small``: the
-    16-bit kinds' smaller tiles (_SMALL_TILES), for the attn_mask variant (its larger
-    tiles spill) and for block masks whose BLOCK_SIZE the larger tiles do not divide."""
-    if kind == "f32":
-        return _TF32_TILES.config(D, Dv)
-    return (_SMALL_TILES if small else _TILES).config(D, Dv)
+    """The tiles of a kernel variant (Variants.config)."""
+    return _VARIANTS.config(D, Dv, kind, small)
 
 
 def threads(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> int:

@@ -92,8 +92,8 @@ import numpy as np
 
 from ._cuda import cuda, float32, int32
 from ._kernels import _block_at, _hooks
-from ._mma import (LOG2E, MASK_REGS, MAX_D, NEG_INF, ONE, ZERO, _JIT, Tiles, _loader,
-                   head_dim_reasons, mask_bits, vec_ok)
+from ._mma import (LOG2E, MASK_REGS, MAX_D, NEG_INF, ONE, ZERO, _JIT, Tiles, Variants,
+                   _loader, head_dim_reasons, mask_bits, vec_ok)
 from ._ptx import SCRATCH_WORDS, ops, red_add2
 
 __all__ = ["dkdv_kernel", "shared_bytes", "reasons", "tile", "threads", "config"]
@@ -141,13 +141,12 @@ _TF32_TILES = Tiles(Config, {64: Config(4, 32, False), 128: Config(4, 16, False)
 FLUSH_QUERIES = int(os.environ.get("ATTN_GPU_TF32_BWD_FLUSH", "128") or 0)
 
 
+_VARIANTS = Variants(_TILES, _SMALL_TILES, _TF32_TILES)
+
+
 def config(D: int, Dv: int, kind: str = "bf16", small: bool = False):
-    """The tiles of a kernel variant, per head dims and dtype kind; ``small``: the
-    16-bit kinds' smaller tiles (_SMALL_TILES), for the attn_mask variant (its larger
-    tiles spill) and for block masks whose BLOCK_SIZE the larger tiles do not divide."""
-    if kind == "f32":
-        return _TF32_TILES.config(D, Dv)
-    return (_SMALL_TILES if small else _TILES).config(D, Dv)
+    """The tiles of a kernel variant (gpu/_mma.py Variants.config)."""
+    return _VARIANTS.config(D, Dv, kind, small)
 
 
 def threads(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> int:

@@ -45,7 +45,7 @@ CASES = {
     "relative_bias": (lambda H, L: mods.relative_position_bias(
         torch.randn(H, 2 * L - 1, device="cuda")), None),
     # BLOCK_SIZE 64: at D = 128 the tensor-core backward's 64x128 tiles do not divide
-    # it, so it takes the small tiles (gpu._bwd_small).
+    # it, so it takes the small tiles (gpu._small_tiles).
     "causal_block64": (None, lambda L: mods.causal_mask),
 }
 BLOCK_SIZE = {"causal_block64": 64}

@@ -194,10 +194,10 @@ def test_mma_forward_jagged_in_simulator():
 
 # FlexAttention's max_scores from the tensor-core forward (gpu/_mma.py MAXS, the second
 # plane of the lse buffer), switched on for the test whatever the environment says
-# (gpu.MAX_SCORES, on by default): the library cases (a causal mask with ALiBi, a padded document mask, a
-# soft-cap score_mod on every block), a block mask that leaves a query row no key
-# (max_scores -inf there), and a jagged band (the per-sequence kernel, rows that see no
-# key). Against attn.reference's max_scores; out and lse unchanged by the request.
+# (gpu.MAX_SCORES, on by default): the library cases (a causal mask with ALiBi, a padded
+# document mask, a soft-cap score_mod on every block), a block mask that leaves a query
+# row no key (max_scores -inf there), and a jagged band (the per-sequence kernel, rows
+# that see no key). Against attn.reference's max_scores; out and lse unchanged by the request.
 _MAX_SCORES = FLEX + textwrap.dedent(
     r"""
     from attn.reference import flex_attention as ref_flex
