@@ -86,6 +86,12 @@ SCORE_REGS = os.environ.get("ATTN_GPU_SCORE_REGS", "1").strip() != "0"
 # ATTN_GPU_LAZY_RESCALE=1 turns it on. Read once at import.
 LAZY_RESCALE = os.environ.get("ATTN_GPU_LAZY_RESCALE", "0").strip() == "1"
 LAZY_TH = np.float32(8.0)
+# K/V stages of the forward's kv loop (bench/NOTES.md G25): 2 (double buffering, two
+# barriers per kv block: data landed, buffer free) or 3 (the prefetch runs two blocks
+# ahead into the buffer of the block before, which the one barrier per block has freed).
+# 2 until 3 has been measured on a GPU (written with the simulator only):
+# ATTN_GPU_FWD_STAGES=3. Read once at import.
+FWD_STAGES = 3 if os.environ.get("ATTN_GPU_FWD_STAGES", "2").strip() == "3" else 2
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 LOG2E = np.float32(1.4426950408889634)
@@ -220,13 +226,32 @@ def reasons(kind: str, D: int, Dv: int) -> list[str]:
 
 def shared_bytes(D: int, Dv: int, mods: bool = False, kind: str = "bf16",
                  small: bool = False) -> int:
-    """Dynamic shared memory of a CTA: Q, two K and two V buffers (bf16/f16 elements,
-    rows padded by 8; float32 rows padded by 4), plus a float32 copy of S for calls
-    with mods or attn_mask."""
+    """Dynamic shared memory of a CTA: Q, ``stages`` K and V buffers (bf16/f16
+    elements, rows padded by 8; float32 rows padded by 4), plus a float32 copy of S for
+    calls with mods or attn_mask."""
+    return _bytes(D, Dv, mods, kind, small, stages(D, Dv, mods, kind, small))
+
+
+def _bytes(D, Dv, mods, kind, small, S):
     BM, BN = tile(D, Dv, kind, small)
     size, pad = (4, 4) if kind == "f32" else (2, 8)
-    n = size * (BM * (D + pad) + 2 * BN * (D + pad) + 2 * BN * (Dv + pad))
+    n = size * (BM * (D + pad) + S * BN * (D + pad) + S * BN * (Dv + pad))
     return n + (4 * BM * BN if mods else 0)
+
+
+# Shared memory of an sm_90 SM (228 KiB) and what the driver reserves per CTA (1 KiB).
+_SM_SHARED, _CTA_RESERVED = 228 * 1024, 1024
+
+
+def stages(D: int, Dv: int, mods: bool = False, kind: str = "bf16",
+           small: bool = False) -> int:
+    """K/V stages of a forward variant: FWD_STAGES where two CTAs per SM still fit at
+    three (a third stage that left one CTA per SM would cost more than its barrier
+    saves), else 2."""
+    if FWD_STAGES == 3 and 2 * (_bytes(D, Dv, mods, kind, small, 3) + _CTA_RESERVED) \
+            <= _SM_SHARED:
+        return 3
+    return 2
 
 
 @cuda.jit(device=True, inline=True)
@@ -399,7 +424,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     o_ = ops(kind)
     frag_a, frag_b2, frag_bt2, mma = o_.frag_a, o_.frag_b2, o_.frag_bt2, o_.mma
     quad_max, quad_sum, pack, exp2 = o_.quad_max, o_.quad_sum, o_.pack, o_.exp2
-    commit, wait_all, wait_one = o_.commit, o_.wait_all, o_.wait_one
+    commit, wait_all, wait_one, wait_two = o_.commit, o_.wait_all, o_.wait_one, o_.wait_two
     split, lds4, mma3 = o_.split, o_.lds4, o_.mma3
     st = _storer(kind)
     from numba.core import types
@@ -424,10 +449,11 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     MNS, MNO, MR = MT * NS, MT * NO, 2 * MT  # ... over the warp's m16 tiles; row slots
     NPA = 4 * MT  # P fragment registers (3xTF32: big and small, NPA each)
     NQF = MT * 4 * KD if QREG else MT * 4  # Q fragment registers
+    STAGES = stages(D, Dv, MASK or mods is not None, kind, SMALL or MASK)
     OQ = 0
     OK0 = BM * LDQ
     KSZ = BN * LDQ
-    OV0 = OK0 + 2 * KSZ
+    OV0 = OK0 + STAGES * KSZ
     VSZ = BN * LDV
     SCR = SCRATCH_WORDS(NW)
     # Full blocks of a mask-only call need no per-element work (FlexAttention's
@@ -454,7 +480,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     row_bits = mask_bits(mask_fn, CAUSAL, NCB, True)
     score_regs = _score_regs(score_fn, MNS, NS) if SCOREREG else None
     # float32 offset of the mods' S scratch (16-bit tiles: two elements per word)
-    OMF = OV0 + 2 * VSZ if TF32 else (OV0 + 2 * VSZ) // 2
+    OMF = OV0 + STAGES * VSZ if TF32 else (OV0 + STAGES * VSZ) // 2
     load_q = _loader(BM, D, LDQ, NTH, kind, o_.cp16)
     load_k = _loader(BN, D, LDQ, NTH, kind, o_.cp16)
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
@@ -579,7 +605,20 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             load_k(sm, OK0, k, kbase, n0, ks_l, ks_d, klim, tid, vk)
             load_v(sm, OV0, v, vbase, n0, vs_l, vs_d, klim, tid, vv)
         commit()
-        wait_one()  # Q has landed (groups complete in order)
+        if STAGES == 3:
+            if nt > 1:
+                if JAG:
+                    n1 = nb0 + BN
+                else:
+                    n1 = _block_at(1, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+                load_k(sm, OK0 + KSZ, k, kbase, n1, ks_l, ks_d, klim, tid, vk)
+                load_v(sm, OV0 + VSZ, v, vbase, n1, vs_l, vs_d, klim, tid, vv)
+            # (an empty group when there is no second block: every later wait counts
+            # one group per block)
+            commit()
+            wait_two()  # Q has landed (groups complete in order)
+        else:
+            wait_one()  # Q has landed (groups complete in order)
         cuda.syncthreads()
         if QREG:
             for f in range(MT * KD):
@@ -594,13 +633,31 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
             l_r[r] = ZERO
             t_r[r] = NEG_INF
 
+        buf = 0  # STAGES 3: block it's buffer, it % 3
         for it in range(nt):
-            buf = it & 1
+            if STAGES == 2:
+                buf = it & 1
             if JAG:
                 n0 = nb0 + it * BN
             else:
                 n0 = _block_at(it, nf, lr, ncols, kvf_idx, kvp_idx) * BN
-            if it + 1 < nt:
+            if STAGES == 3:
+                # Block it's group: all but the last one committed (block it+1's)
+                # complete. The barrier then makes every thread's copies visible, and
+                # tells that every warp is done with block it-1, whose buffer
+                # ((it + 2) % 3) the prefetch of block it+2 may now overwrite.
+                wait_one()
+                cuda.syncthreads()
+                if it + 2 < nt:
+                    if JAG:
+                        n2 = n0 + 2 * BN
+                    else:
+                        n2 = _block_at(it + 2, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+                    pb = buf - 1 if buf > 0 else 2
+                    load_k(sm, OK0 + pb * KSZ, k, kbase, n2, ks_l, ks_d, klim, tid, vk)
+                    load_v(sm, OV0 + pb * VSZ, v, vbase, n2, vs_l, vs_d, klim, tid, vv)
+                commit()  # (empty past the last block: one group per block)
+            elif it + 1 < nt:
                 # Prefetch block it+1 into the other buffer: free since the barrier at
                 # the end of iteration it-1.
                 if JAG:
@@ -613,8 +670,9 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                 wait_one()
             else:
                 wait_all()
-            # Barrier: every thread's copies of block it are visible.
-            cuda.syncthreads()
+            if STAGES == 2:
+                # Barrier: every thread's copies of block it are visible.
+                cuda.syncthreads()
             okb = OK0 + buf * KSZ
             ovb = OV0 + buf * VSZ
 
@@ -877,9 +935,12 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                             acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7] = mma(
                                 scr, pa[a], pa[a + 1], pa[a + 2], pa[a + 3], b2, b3,
                                 acc[c + 4], acc[c + 5], acc[c + 6], acc[c + 7])
-            # Barrier: every warp is done with this buffer before the next iteration's
-            # prefetch overwrites it.
-            cuda.syncthreads()
+            if STAGES == 2:
+                # Barrier: every warp is done with this buffer before the next
+                # iteration's prefetch overwrites it.
+                cuda.syncthreads()
+            else:
+                buf = 0 if buf == 2 else buf + 1
 
         for r in range(MR):
             l_r[r] = quad_sum(scr, l_r[r])

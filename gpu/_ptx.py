@@ -233,7 +233,8 @@ if SIM:
             common = ops("f16")
             return _Ops(frag_a, frag_b2, None, None, common.quad_max, common.quad_sum,
                         None, common.exp2, cp16, common.commit, common.wait_all,
-                        common.wait_one, split=split, lds4=lds4, mma3=mma3)
+                        common.wait_one, split=split, lds4=lds4, mma3=mma3,
+                        wait_two=common.wait_two)
         unpack = _unpacker(kind)
         pack2 = _packer(kind)
         val = _elem_bits(kind)
@@ -343,8 +344,12 @@ if SIM:
         def wait_one():
             pass
 
+        @cuda.jit(device=True)
+        def wait_two():
+            pass
+
         return _Ops(frag_a, frag_b2, frag_bt2, mma, quad_max, quad_sum, pack, exp2,
-                    cp16, commit, wait_all, wait_one)
+                    cp16, commit, wait_all, wait_one, wait_two=wait_two)
 
 else:
     # --------------------------------------------------------------- inline PTX (GPU) --
@@ -562,6 +567,7 @@ else:
     cp_commit = _simple("cp_commit", "cp.async.commit_group;")
     cp_wait0 = _simple("cp_wait0", "cp.async.wait_group 0;")
     cp_wait1 = _simple("cp_wait1", "cp.async.wait_group 1;")
+    cp_wait2 = _simple("cp_wait2", "cp.async.wait_group 2;")
 
     @intrinsic
     def ldsm_x4_f(typingctx, addr):
@@ -703,7 +709,8 @@ else:
             # cp.async copies 16 bytes whatever the element type.
             return _Ops(frag_a, frag_b2, None, None, common.quad_max, common.quad_sum,
                         None, common.exp2, common.cp16, common.commit, common.wait_all,
-                        common.wait_one, split=split, lds4=lds4, mma3=mma3)
+                        common.wait_one, split=split, lds4=lds4, mma3=mma3,
+                        wait_two=common.wait_two)
         mma_i = mma_bf16 if kind == "bf16" else mma_f16
         pack_i = pack_bf16 if kind == "bf16" else pack_f16
 
@@ -764,19 +771,26 @@ else:
         def wait_one():
             cp_wait1()
 
+        @cuda.jit(device=True, inline=True)
+        def wait_two():
+            cp_wait2()
+
         return _Ops(frag_a, frag_b2, frag_bt2, mma, quad_max, quad_sum, pack, exp2,
-                    cp16, commit, wait_all, wait_one)
+                    cp16, commit, wait_all, wait_one, wait_two=wait_two)
 
 
 class _Ops:
     """The fragment operations of one element kind (same names on both paths)."""
 
     __slots__ = ("frag_a", "frag_b2", "frag_bt2", "mma", "quad_max", "quad_sum", "pack",
-                 "exp2", "cp16", "commit", "wait_all", "wait_one", "split", "lds4", "mma3")
+                 "exp2", "cp16", "commit", "wait_all", "wait_one", "split", "lds4", "mma3",
+                 "wait_two")
 
-    def __init__(self, *fns, split=None, lds4=None, mma3=None):
+    def __init__(self, *fns, split=None, lds4=None, mma3=None, wait_two=None):
         # split, lds4, mma3: the float32 (3xTF32) kind's own operations; its frag_bt2,
         # mma and pack are None (no transposed 32-bit ldmatrix, products are mma3).
+        # wait_two: all but the last two cp.async groups complete (three-stage loops).
         for name, fn in zip(self.__slots__, fns):
             setattr(self, name, fn)
         self.split, self.lds4, self.mma3 = split, lds4, mma3
+        self.wait_two = wait_two

@@ -366,3 +366,14 @@ _LAZY = FLEX + textwrap.dedent(
 
 def test_mma_forward_lazy_rescale_in_simulator():
     run_script(_LAZY, timeout=900, env={"ATTN_GPU_LAZY_RESCALE": "1"})
+
+
+# Three K/V stages (gpu/_mma.py FWD_STAGES, off by default until measured on a GPU): the
+# forward cases and the jagged ones again with ATTN_GPU_FWD_STAGES=3 (the simulator's
+# tiles fit three stages; the prefetch two blocks ahead into the previous block's
+# buffer, the jagged items' key tiles by offset).
+@pytest.mark.parametrize("script", ["forward", "jagged"])
+def test_mma_forward_three_stages_in_simulator(script):
+    body = {"forward": _SCRIPT, "jagged": _JAGGED}[script]
+    check = "\nfrom attn.gpu import _mma\nassert _mma.stages(16, 16, False, 'f16') == 3\n"
+    run_script(check + body, timeout=900, env={"ATTN_GPU_FWD_STAGES": "3"})
