@@ -563,16 +563,20 @@ def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=(),
                          tile_args=()):
     """The reasons of a tensor-core kernel module (``mod``: gpu/_mma.py or
     gpu/_mma_bwd.py, named ``label`` in the messages) not to serve a call: its own, then
-    ``extra``, then an explicit SIMT tiling and a BLOCK_SIZE off its tiles (``mod.tile``
-    with ``tile_args`` after D, Dv, kind)."""
+    ``extra``, then an explicit SIMT tiling and a BLOCK_SIZE that none of its tiles
+    divides (``mod.tile``, and ``mod.tile`` with ``tile_args`` after D, Dv, kind: the
+    small tiles, which _small_tiles takes where the default ones do not divide it)."""
     r = mod.reasons(_KIND[dtype], D, Dv) + list(extra)
     if tiling is not None:
         r.append("an explicit SIMT tiling was asked for")
     if block_size is not None:
-        BM, BN = mod.tile(D, Dv, _KIND[dtype], *tile_args)
-        if block_size[0] % BM or block_size[1] % BN:
+        kind = _KIND[dtype]
+        tiles = [mod.tile(D, Dv, kind)] + ([mod.tile(D, Dv, kind, *tile_args)]
+                                           if tile_args else [])
+        if all(block_size[0] % BM or block_size[1] % BN for BM, BN in tiles):
+            shown = " or ".join(f"{BM}x{BN}" for BM, BN in dict.fromkeys(tiles))
             r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
-                     f"tensor-core {label}'s {BM}x{BN} tiles")
+                     f"tensor-core {label}'s {shown} tiles")
     return r
 
 
