@@ -14,6 +14,17 @@ configuration comes from gpu/_mma.py / gpu/_mma_bwd.py or ATTN_GPU_TF32_CONFIG,
 ATTN_GPU_MMA_CONFIG, ATTN_GPU_TF32_BWD_CONFIG, ATTN_GPU_MMA_BWD_CONFIG. The float32
 backward is compiled whatever ATTN_GPU_TF32X3_BWD says. Needs ptxas and cuobjdump on
 PATH.
+
+numba-cuda must be the numba.cuda that runs: its `_numba_cuda_redirector.pth` is read only
+from a site directory (a PYTHONPATH entry's .pth files are not), else numba's own
+deprecated numba.cuda compiles instead (it rejects min/max on integers: the jag and mod
+variants fail with "Signature mismatch"). A site without a GPU, as set up on 2026-12-04:
+`pip install --no-deps --target SITE numba-cuda==0.30.4 "cuda-bindings==13.*"
+cuda-pathfinder cuda-core` (each into its own target, the `cuda/` namespace folders merged
+into SITE), `libnvrtc.so.13` from the nvidia-cuda-nvrtc wheel and libnvvm
+(/usr/local/cuda-13.0/lib) on LD_LIBRARY_PATH, and a folder holding a sitecustomize.py
+with `site.addsitedir(SITE)` as PYTHONPATH. Its ptxas may differ from the GPU machine's:
+Numba's resource query there (bench/device/kernel_resources.py) is the evidence.
 """
 from __future__ import annotations
 
