@@ -17,8 +17,8 @@ PATH.
 
 numba-cuda must be the numba.cuda that runs: its `_numba_cuda_redirector.pth` is read only
 from a site directory (a PYTHONPATH entry's .pth files are not), else numba's own
-deprecated numba.cuda compiles instead (it rejects min/max on integers: the jag and mod
-variants fail with "Signature mismatch"). A site without a GPU, as set up on 2026-12-04:
+deprecated numba.cuda compiles instead (the jag, doc and mod variants then fail with
+"Signature mismatch"). A site without a GPU, as set up on 2026-12-04:
 `pip install --no-deps --target SITE numba-cuda==0.30.4 "cuda-bindings==13.*"
 cuda-pathfinder cuda-core` (each into its own target, the `cuda/` namespace folders merged
 into SITE), `libnvrtc.so.13` from the nvidia-cuda-nvrtc wheel and libnvvm
