@@ -22,8 +22,8 @@ tail -n 3 $logs/flags.txt | cut -c1-300
 echo "fwd_flags done at $(( $(date +%s) - t0 )) s"
 KR_DIMS=128 timeout 200 python3 bench/device/kernel_resources.py $out/kr128.json \
   > $logs/kr128.txt 2>&1 &
-ATTN_GPU_LAZY_RESCALE=1 ATTN_GPU_FWD_STAGES=3 timeout ${LIMIT:-240} \
-  python3 -m pytest -m gpu -v -p no:cacheprovider -rfE --tb=short -n ${WORKERS:-12} --dist load tests/test_gpu.py \
+ATTN_GPU_LAZY_RESCALE=1 ATTN_GPU_FWD_STAGES=3 timeout ${LIMIT:-250} \
+  python3 -m pytest -m gpu -v -p no:cacheprovider -rfE --tb=short -n ${WORKERS:-14} --dist load tests/test_gpu.py \
   tests/test_gpu_flex.py tests/test_varlen.py tests/test_torch_flash.py \
   tests/test_profile.py > $logs/tests.txt 2>&1
 wait
