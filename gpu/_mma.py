@@ -486,6 +486,21 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
     load_v = _loader(BN, Dv, LDV, NTH, kind, o_.cp16)
 
     @cuda.jit(device=True, inline=True)
+    def kv_start(i, nb0, nf, lr, ncols, kvf_idx, kvp_idx):
+        # First key of the CTA's i-th kv block: JAG, the item's tiles from its first
+        # one on; else the i-th entry of the block lists.
+        if JAG:
+            return nb0 + i * BN
+        return _block_at(i, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+
+    @cuda.jit(device=True, inline=True)
+    def load_kv(sm, slot, n, k, v, kbase, vbase, ks_l, ks_d, vs_l, vs_d, klim, tid, vk,
+                vv):
+        # The kv block from key n into K/V buffer ``slot``.
+        load_k(sm, OK0 + slot * KSZ, k, kbase, n, ks_l, ks_d, klim, tid, vk)
+        load_v(sm, OV0 + slot * VSZ, v, vbase, n, vs_l, vs_d, klim, tid, vv)
+
+    @cuda.jit(device=True, inline=True)
     def epilogue(o, lse, acc, l_r, m_r, t_r, r, rw, qlim, b, h, bh, t, Lq, os_b, os_h,
                  os_l, os_d):
         # Row slot r (rows rw + 8r): O / l out (0 for a row that saw no key), and lse.
@@ -598,21 +613,13 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
         load_q(sm, OQ, q, qbase, m0, qs_l, qs_d, qlim, tid, vq)
         commit()
         if nt > 0:
-            if JAG:
-                n0 = nb0
-            else:
-                n0 = _block_at(0, nf, lr, ncols, kvf_idx, kvp_idx) * BN
-            load_k(sm, OK0, k, kbase, n0, ks_l, ks_d, klim, tid, vk)
-            load_v(sm, OV0, v, vbase, n0, vs_l, vs_d, klim, tid, vv)
+            load_kv(sm, 0, kv_start(0, nb0, nf, lr, ncols, kvf_idx, kvp_idx), k, v, kbase,
+                    vbase, ks_l, ks_d, vs_l, vs_d, klim, tid, vk, vv)
         commit()
         if STAGES == 3:
             if nt > 1:
-                if JAG:
-                    n1 = nb0 + BN
-                else:
-                    n1 = _block_at(1, nf, lr, ncols, kvf_idx, kvp_idx) * BN
-                load_k(sm, OK0 + KSZ, k, kbase, n1, ks_l, ks_d, klim, tid, vk)
-                load_v(sm, OV0 + VSZ, v, vbase, n1, vs_l, vs_d, klim, tid, vv)
+                load_kv(sm, 1, kv_start(1, nb0, nf, lr, ncols, kvf_idx, kvp_idx), k, v,
+                        kbase, vbase, ks_l, ks_d, vs_l, vs_d, klim, tid, vk, vv)
             # (an empty group when there is no second block: every later wait counts
             # one group per block)
             commit()
@@ -637,10 +644,7 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
         for it in range(nt):
             if STAGES == 2:
                 buf = it & 1
-            if JAG:
-                n0 = nb0 + it * BN
-            else:
-                n0 = _block_at(it, nf, lr, ncols, kvf_idx, kvp_idx) * BN
+            n0 = kv_start(it, nb0, nf, lr, ncols, kvf_idx, kvp_idx)
             if STAGES == 3:
                 # Block it's group: all but the last one committed (block it+1's)
                 # complete. The barrier then makes every thread's copies visible, and
@@ -649,23 +653,15 @@ def forward_kernel(kind: str, D: int, Dv: int, CAUSAL: bool, MASK: bool, mods=No
                 wait_one()
                 cuda.syncthreads()
                 if it + 2 < nt:
-                    if JAG:
-                        n2 = n0 + 2 * BN
-                    else:
-                        n2 = _block_at(it + 2, nf, lr, ncols, kvf_idx, kvp_idx) * BN
-                    pb = buf - 1 if buf > 0 else 2
-                    load_k(sm, OK0 + pb * KSZ, k, kbase, n2, ks_l, ks_d, klim, tid, vk)
-                    load_v(sm, OV0 + pb * VSZ, v, vbase, n2, vs_l, vs_d, klim, tid, vv)
+                    load_kv(sm, buf - 1 if buf > 0 else 2,
+                            kv_start(it + 2, nb0, nf, lr, ncols, kvf_idx, kvp_idx), k, v,
+                            kbase, vbase, ks_l, ks_d, vs_l, vs_d, klim, tid, vk, vv)
                 commit()  # (empty past the last block: one group per block)
             elif it + 1 < nt:
                 # Prefetch block it+1 into the other buffer: free since the barrier at
                 # the end of iteration it-1.
-                if JAG:
-                    n1 = n0 + BN
-                else:
-                    n1 = _block_at(it + 1, nf, lr, ncols, kvf_idx, kvp_idx) * BN
-                load_k(sm, OK0 + (1 - buf) * KSZ, k, kbase, n1, ks_l, ks_d, klim, tid, vk)
-                load_v(sm, OV0 + (1 - buf) * VSZ, v, vbase, n1, vs_l, vs_d, klim, tid, vv)
+                load_kv(sm, 1 - buf, kv_start(it + 1, nb0, nf, lr, ncols, kvf_idx, kvp_idx),
+                        k, v, kbase, vbase, ks_l, ks_d, vs_l, vs_d, klim, tid, vk, vv)
                 commit()
                 wait_one()
             else:
