@@ -559,22 +559,25 @@ def _forward(q, k, v, attn_mask=None, is_causal=False, scale=None, tiling=None, 
     return (out, lse[0], lse[1].clone()) if maxs else (out, lse)
 
 
-def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=(),
-                         tile_args=()):
+def _divides(block_size, tile) -> bool:
+    """Whether a (rows, cols) tile divides a block mask's BLOCK_SIZE."""
+    return block_size[0] % tile[0] == 0 and block_size[1] % tile[1] == 0
+
+
+def _tensor_core_reasons(mod, label, dtype, D, Dv, tiling, block_size, extra=()):
     """The reasons of a tensor-core kernel module (``mod``: gpu/_mma.py or
     gpu/_mma_bwd.py, named ``label`` in the messages) not to serve a call: its own, then
-    ``extra``, then an explicit SIMT tiling and a BLOCK_SIZE that none of its tiles
-    divides (``mod.tile``, and ``mod.tile`` with ``tile_args`` after D, Dv, kind: the
-    small tiles, which _small_tiles takes where the default ones do not divide it)."""
+    ``extra``, then an explicit SIMT tiling and a BLOCK_SIZE that neither its default nor
+    its small tiles divide (_small_tiles takes the small ones where the default ones do
+    not)."""
     r = mod.reasons(_KIND[dtype], D, Dv) + list(extra)
     if tiling is not None:
         r.append("an explicit SIMT tiling was asked for")
     if block_size is not None:
         kind = _KIND[dtype]
-        tiles = [mod.tile(D, Dv, kind)] + ([mod.tile(D, Dv, kind, *tile_args)]
-                                           if tile_args else [])
-        if all(block_size[0] % BM or block_size[1] % BN for BM, BN in tiles):
-            shown = " or ".join(f"{BM}x{BN}" for BM, BN in dict.fromkeys(tiles))
+        tiles = dict.fromkeys([mod.tile(D, Dv, kind), mod.tile(D, Dv, kind, True)])
+        if not any(_divides(block_size, t) for t in tiles):
+            shown = " or ".join(f"{BM}x{BN}" for BM, BN in tiles)
             r.append(f"BLOCK_SIZE {tuple(block_size)} is not a multiple of the "
                      f"tensor-core {label}'s {shown} tiles")
     return r
@@ -594,9 +597,7 @@ def mma_reasons(dtype, D, Dv, tiling=None, block_size=None) -> list[str]:
     if dtype == torch.float32 and not TF32X3:
         extra.append("ATTN_GPU_TF32X3=0 (attn.gpu.TF32X3 is off): float32 uses the "
                      "SIMT forward")
-    # A BLOCK_SIZE the larger tiles do not divide takes the small ones (_small_tiles).
-    return _tensor_core_reasons(_mma, "kernel", dtype, D, Dv, tiling, block_size, extra,
-                                (True,))
+    return _tensor_core_reasons(_mma, "kernel", dtype, D, Dv, tiling, block_size, extra)
 
 
 def _small_tiles(mod, kind, D, Dv, masked, block_size) -> bool:
@@ -605,10 +606,7 @@ def _small_tiles(mod, kind, D, Dv, masked, block_size) -> bool:
     larger tiles do not divide."""
     if masked:
         return True
-    if block_size is None:
-        return False
-    BM, BN = mod.tile(D, Dv, kind)
-    return bool(block_size[0] % BM or block_size[1] % BN)
+    return block_size is not None and not _divides(block_size, mod.tile(D, Dv, kind))
 
 
 @lru_cache(maxsize=1024)
@@ -682,9 +680,8 @@ def mma_bwd_reasons(dtype, D, Dv, tiling=None, block_size=None, atomic=True) -> 
                      "attn.gpu.TF32X3_BACKWARD is False)")
     if not atomic:
         extra.append("dQ must be deterministic (no atomics): the split SIMT backward runs")
-    # A BLOCK_SIZE the larger tiles do not divide takes the small ones (_small_tiles).
     return _tensor_core_reasons(_mma_bwd, "backward", dtype, D, Dv, tiling, block_size,
-                                extra, (True,))
+                                extra)
 
 
 def backward(q, k, v, out, lse, grad_out, grad_lse=None, attn_mask=None,

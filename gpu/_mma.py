@@ -148,6 +148,9 @@ class Variants:
             return self.tf32.config(D, Dv)
         return (self.small if small else self.large).config(D, Dv)
 
+    def threads(self, D: int, Dv: int, kind: str = "bf16", small: bool = False) -> int:
+        return 32 * self.config(D, Dv, kind, small).NW
+
 
 def head_dim_reasons(kind: str, D: int, Dv: int, simt: str, kept: str) -> list[str]:
     """Why a tensor-core kernel cannot run these head dims / dtype (empty if it can):
@@ -193,15 +196,7 @@ _TF32_TILES = Tiles(Config, {64: Config(4, 2, 32, False), 128: Config(4, 1, 32, 
                     Config(2, 1, 16, False), "ATTN_GPU_TF32_CONFIG")
 MAX_D = 128
 _VARIANTS = Variants(_TILES, _SMALL_TILES, _TF32_TILES)
-
-
-def config(D: int, Dv: int, kind: str = "bf16", small: bool = False):
-    """The tiles of a kernel variant (Variants.config)."""
-    return _VARIANTS.config(D, Dv, kind, small)
-
-
-def threads(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> int:
-    return 32 * config(D, Dv, kind, small).NW
+config, threads = _VARIANTS.config, _VARIANTS.threads
 
 
 def tile(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> tuple[int, int]:

@@ -142,15 +142,7 @@ FLUSH_QUERIES = int(os.environ.get("ATTN_GPU_TF32_BWD_FLUSH", "128") or 0)
 
 
 _VARIANTS = Variants(_TILES, _SMALL_TILES, _TF32_TILES)
-
-
-def config(D: int, Dv: int, kind: str = "bf16", small: bool = False):
-    """The tiles of a kernel variant (gpu/_mma.py Variants.config)."""
-    return _VARIANTS.config(D, Dv, kind, small)
-
-
-def threads(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> int:
-    return 32 * config(D, Dv, kind, small).NW
+config, threads = _VARIANTS.config, _VARIANTS.threads
 
 
 def tile(D: int, Dv: int, kind: str = "bf16", small: bool = False) -> tuple[int, int]:
