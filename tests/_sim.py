@@ -88,6 +88,23 @@ MMA_FLEX_MODS = ((mods.causal_mask, mods.alibi(2)),
                  (mods.document_mask(torch.tensor([0, 10, 11, 40, 45]), length=49), None),
                  (None, mods.tanh_softcap(2.0)))
 
+def check_forward(name, out, lse, ro, rl, dt, tol=4e-3, lse_relative=False):
+    # A forward's out and lse against the float64 oracle's (ro, rl): out in dt, lse in
+    # float32; no NaN, -inf lse and out 0 exactly where the oracle's row saw no key;
+    # float16 P and O rounding, a few ulp of values of order 1 (tol); lse within 1e-4,
+    # relative to the largest |lse| when lse_relative. Returns the out error.
+    fin = torch.isfinite(rl)
+    assert out.dtype == dt and lse.dtype == torch.float32, name
+    assert not torch.isnan(out).any(), name
+    assert torch.equal(torch.isfinite(lse), fin), name
+    assert (out[~fin] == 0).all(), name
+    e = (out.double() - ro).abs().max().item()
+    el = (lse[fin].double() - rl[fin]).abs().max().item() if fin.any() else 0.0
+    lb = 1e-4 * (max(1.0, rl[fin].abs().max().item()) if lse_relative and fin.any()
+                 else 1.0)
+    assert e <= tol and el <= lb, f"{name}: out err {e}, lse err {el}"
+    return e
+
 def mma_flex_inputs(seed):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, H, MMA_FLEX_L, 16, generator=g).to(torch.float16)

@@ -48,16 +48,7 @@ _SCRIPT = FLEX + textwrap.dedent(
         return torch.randn(B, H, L, W, generator=g).to(dt)
 
     def check(name, out, lse, ro, rl):
-        fin = torch.isfinite(rl)
-        assert out.dtype == dt and lse.dtype == torch.float32, name
-        assert not torch.isnan(out).any(), name
-        assert torch.equal(torch.isfinite(lse), fin), name
-        assert (out[~fin] == 0).all(), name
-        e = (out.double() - ro).abs().max().item()
-        el = (lse[fin].double() - rl[fin]).abs().max().item() if fin.any() else 0.0
-        # float16 P and O rounding: a few ulp of values of order 1.
-        assert e <= 4e-3 and el <= 1e-4, f"{name}: out err {e}, lse err {el}"
-        return e
+        return check_forward(name, out, lse, ro, rl, dt)
 
     def case(B, Hq, Hkv, Lq, Lk, D, Dv, causal, layout=None, mask_kind=None, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -165,14 +156,8 @@ _JAGGED = FLEX + textwrap.dedent(
         assert not why, (window, why)
         out, lse = gpu.forward(q, kk, vv, None, False, None, flex=spec)
         ro, rl, _ = ref_flex(q.double(), kk.double(), vv.double(), None, bm, None, True)
-        fin = torch.isfinite(rl)
         name = f"window {window} {'own keys' if kv is not None else 'self'}"
-        assert torch.equal(torch.isfinite(lse), fin), name
-        assert not torch.isnan(out).any() and (out[~fin] == 0).all(), name
-        e = (out.double() - ro).abs().max().item()
-        el = (lse[fin].double() - rl[fin]).abs().max().item()
-        assert e <= 4e-3 and el <= 1e-4, f"{name}: out err {e}, lse err {el}"
-        worst = max(worst, e)
+        worst = max(worst, check_forward(name, out, lse, ro, rl, dt))
     # Packed (tokens, heads, D) storage viewed as (1, H, tokens, D), as varlen_attn
     # passes it: out comes back in the packed layout (a view for varlen_attn, no copy),
     # written through its strides.
@@ -267,14 +252,6 @@ _SMALL = FLEX + textwrap.dedent(
     def small_of(a):
         return bool(a[8] if len(a) > 8 else False) or bool(a[4])
 
-    def close(name, out, lse, ro, rl):
-        fin = torch.isfinite(rl)
-        assert torch.equal(torch.isfinite(lse), fin), name
-        assert not torch.isnan(out).any() and (out[~fin] == 0).all(), name
-        e = (out.double() - ro).abs().max().item()
-        el = (lse[fin].double() - rl[fin]).abs().max().item()
-        assert e <= 4e-3 and el <= 1e-4, f"{name}: out err {e}, lse err {el}"
-
     g, q, k, v = mma_flex_inputs(43)
     doc = mods.document_mask(torch.tensor([0, 10, 11, 40, 45]), length=MMA_FLEX_L)
     # (mask_mod, small tiles, the jagged kernel's JAG): a left window edge (JAG 2) takes
@@ -290,14 +267,14 @@ _SMALL = FLEX + textwrap.dedent(
         assert (a[6] if len(a) > 6 else 0) == jag, a
         assert small_of(a) == small, a
         ro, rl, _ = ref_flex(q.double(), k.double(), v.double(), None, bm, None, True)
-        close(mask_mod.__name__, out, lse, ro, rl)
+        check_forward(mask_mod.__name__, out, lse, ro, rl, dt)
 
     mask = make_mask("bool", 1, 33, 33, dt, g)
     q, k, v = (torch.randn(1, 1, 33, 16, generator=g).to(dt) for _ in range(3))
     out, lse = gpu.forward(q, k, v, mask, False)
     assert built[-1][4] and small_of(built[-1]), built[-1]
     ro, rl = attention(q.double(), k.double(), v.double(), mask, False, None)
-    close("bool mask", out, lse, ro, rl)
+    check_forward("bool mask", out, lse, ro, rl, dt)
     print("OK forward small tiles")
     """
 )
@@ -320,14 +297,9 @@ _LAZY = FLEX + textwrap.dedent(
     assert _mma.LAZY_RESCALE
     dt = torch.float16
 
-    def check(name, out, lse, ro, rl, tol=4e-3):
-        fin = torch.isfinite(rl)
-        assert not torch.isnan(out).any() and torch.equal(torch.isfinite(lse), fin), name
-        e = (out.double() - ro).abs().max().item()
-        el = (lse[fin].double() - rl[fin]).abs().max().item()
-        assert e <= tol and el <= 1e-4 * max(1.0, rl[fin].abs().max().item()), \
-            f"{name}: out err {e}, lse err {el}"
-        print(name, "out err", e, "lse err", el)
+    def check(name, out, lse, ro, rl):
+        # (the growing keys give lse values far above 1: the lse bound is relative)
+        print(name, "out err", check_forward(name, out, lse, ro, rl, dt, lse_relative=True))
 
     g = torch.Generator().manual_seed(31)
     L = 97
